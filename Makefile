@@ -1,0 +1,30 @@
+# `make demo` and `make test` work on a fresh machine: they build .venv themselves.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+# torch 2.13.0 (CPU) installs from the local wheel cache in seconds; pinning it
+# keeps pip from fetching a multi-GB CUDA build.
+TORCH_PIN ?= torch==2.13.0
+DEMO_DIR ?= demo_checkpoint
+
+.PHONY: venv demo test clean
+
+$(VENV)/.installed: pyproject.toml requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_PIN)"
+	$(PIP) install -q -r requirements.txt -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) -m qwen.tools.tiny_checkpoint $(DEMO_DIR) --chat
+	$(PY) -m qwen.tools.demo $(DEMO_DIR)
+
+test: venv
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

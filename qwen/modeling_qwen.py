@@ -1,0 +1,752 @@
+"""Qwen (v1) decoder: the original's numerics on today's transformers.
+
+Module and parameter names follow the original checkpoints (`transformer.h.{i}.attn.c_attn`, ...)
+so published weights load unchanged. This file is also written into saved checkpoints as remote
+code: it imports only torch, transformers and its sibling files.
+"""
+
+import copy
+import math
+import threading
+import warnings
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.generation import GenerationMixin, LogitsProcessorList
+from transformers.generation.streamers import BaseStreamer
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .configuration_qwen import QWenConfig
+from .qwen_generation_utils import (
+    StopWordsLogitsProcessor,
+    decode_tokens,
+    get_stop_words_ids,
+    make_context,
+)
+
+DEFAULT_SYSTEM = "You are a helpful assistant."
+
+
+# ----------------------------------------------------------------------------- precision
+
+
+def resolve_precision(config: QWenConfig) -> torch.dtype:
+    """The original's rule: an explicit bf16/fp16/fp32 flag wins; with none set, pick bf16 if CUDA
+    supports it, else fp16 on a capability >= 7 GPU, else fp32. Sets the chosen flag on `config`."""
+    config.check_buildable()
+    if not (config.bf16 or config.fp16 or config.fp32):
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            config.bf16 = True
+        elif torch.cuda.is_available() and torch.cuda.get_device_capability(0)[0] >= 7:
+            config.fp16 = True
+        else:
+            config.fp32 = True
+    return torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else torch.float32
+
+
+def set_precision_flags(config: QWenConfig, dtype: torch.dtype) -> None:
+    """Make the config's precision flags agree with an explicitly requested dtype."""
+    config.bf16, config.fp16, config.fp32 = dtype == torch.bfloat16, dtype == torch.float16, dtype == torch.float32
+
+
+def flash_attn_enabled(config: QWenConfig) -> bool:
+    """`use_flash_attn="auto"` means: on for 16-bit models (only used when installed and on CUDA)."""
+    if config.use_flash_attn == "auto":
+        return bool(config.bf16 or config.fp16)
+    return bool(config.use_flash_attn)
+
+
+_FLASH_ATTN_FUNC = None
+
+
+def _flash_attn_func():
+    """flash-attn 2 is optional: imported on first use, None when not installed."""
+    global _FLASH_ATTN_FUNC
+    if _FLASH_ATTN_FUNC is None:
+        try:
+            from flash_attn import flash_attn_func
+        except ImportError:
+            flash_attn_func = False
+        _FLASH_ATTN_FUNC = flash_attn_func
+    return _FLASH_ATTN_FUNC or None
+
+
+# ----------------------------------------------------------------------------- positions
+
+
+def ntk_alpha(true_length: int, seq_length: int) -> float:
+    """Dynamic NTK: 1 up to seq_length, then 3, 7, 15, ... as the length doubles."""
+    context_value = math.log(true_length / seq_length, 2) + 1
+    return max(2 ** math.ceil(context_value) - 1, 1)
+
+
+def rotary_cos_sin(positions: torch.Tensor, dim: int, base: float, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [T, dim] in fp32 for the given positions; the op order matches the original bit for bit."""
+    scaled_base = base * alpha ** (dim / (dim - 2))
+    inv_freq = 1.0 / (scaled_base ** (torch.arange(0, dim, 2, device=positions.device).float() / dim))
+    freqs = torch.outer(positions.type_as(inv_freq), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first cos.shape[-1] dims of t [B, N, T, d] in fp32, cast back."""
+    rot_dim = cos.shape[-1]
+    rotated, passed = t[..., :rot_dim].float(), t[..., rot_dim:].float()
+    half = rot_dim // 2
+    rotate_half = torch.cat((-rotated[..., half:], rotated[..., :half]), dim=-1)
+    rotated = rotated * cos + rotate_half * sin
+    return torch.cat((rotated, passed), dim=-1).type_as(t)
+
+
+def logn_factors(start: int, end: int, seq_length: int, device) -> torch.Tensor:
+    """LogN query scaling for 0-based positions start..end-1: log(p+1)/log(S) past S, else 1 (fp32)."""
+    values = [math.log(p, seq_length) if p > seq_length else 1.0 for p in range(start + 1, end + 1)]
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def attention_bias(
+    padding_mask: torch.Tensor | None, query_len: int, key_len: int, window: int | None, dtype, device
+) -> torch.Tensor:
+    """Additive mask [B or 1, 1, T, K]: 0 where a query may attend, finfo.min elsewhere.
+
+    Causal within the chunk even after a cache (the original was not: a bug we fix), padded keys
+    masked, and keys further back than `window` masked. A fully masked row (a pad query) gets
+    equal scores everywhere, as in the original."""
+    query_pos = torch.arange(key_len - query_len, key_len, device=device)[:, None]
+    key_pos = torch.arange(key_len, device=device)[None, :]
+    allowed = key_pos <= query_pos
+    if window:
+        allowed = allowed & (key_pos > query_pos - window)
+    allowed = allowed[None, None]
+    if padding_mask is not None:
+        allowed = allowed & padding_mask[:, None, None, :].bool()
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return bias.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int8 KV quantization of a chunk [B, N, T, d]: one (scale, zero) per (b, n) over the chunk,
+    repeated per token; arithmetic in the model dtype; the uint8 cast truncates."""
+    flat = x.flatten(2)
+    fmax, fmin = flat.amax(dim=-1, keepdim=True), flat.amin(dim=-1, keepdim=True)
+    scale = (fmax - fmin) / 255.0
+    zero = 0.0 - fmin / scale
+    scale = scale.unsqueeze(-1).repeat(1, 1, x.shape[2], 1)
+    zero = zero.unsqueeze(-1).repeat(1, 1, x.shape[2], 1)
+    q = torch.clamp(x / scale + zero, 0, 255).to(torch.uint8)
+    return q, scale, zero
+
+
+def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return scale * (q - zero)
+
+
+class Int8KVLayer(DynamicLayer):
+    """One layer of the int8 KV cache: uint8 keys/values [B, N, K, d] with per-token scale and zero
+    [B, N, K, 1]. `update` returns the dequantized full keys and values, as the original's torch path."""
+
+    def lazy_initialization(self, key_states, value_states):
+        super().lazy_initialization(key_states, value_states)
+        self.keys = self.values = None
+        self.key_params = self.value_params = None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        qk, k_scale, k_zero = quantize_kv(key_states)
+        qv, v_scale, v_zero = quantize_kv(value_states)
+        if self.keys is None:
+            self.keys, self.key_params = qk, (k_scale, k_zero)
+            self.values, self.value_params = qv, (v_scale, v_zero)
+        else:
+            self.keys = torch.cat([self.keys, qk], dim=-2)
+            self.values = torch.cat([self.values, qv], dim=-2)
+            self.key_params = tuple(torch.cat([a, b], dim=-2) for a, b in zip(self.key_params, (k_scale, k_zero)))
+            self.value_params = tuple(
+                torch.cat([a, b], dim=-2) for a, b in zip(self.value_params, (v_scale, v_zero))
+            )
+        return dequantize_kv(self.keys, *self.key_params), dequantize_kv(self.values, *self.value_params)
+
+    def get_seq_length(self) -> int:
+        return 0 if not self.is_initialized or self.keys is None else self.keys.shape[-2]
+
+    def _map(self, fn):
+        if self.keys is not None:
+            self.keys, self.values = fn(self.keys), fn(self.values)
+            self.key_params = tuple(fn(t) for t in self.key_params)
+            self.value_params = tuple(fn(t) for t in self.value_params)
+
+    def reorder_cache(self, beam_idx):
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats):
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices):
+        self._map(lambda t: t[indices, ...])
+
+    def crop(self, max_length):
+        length = self.get_seq_length()
+        keep = max_length if max_length >= 0 else length + max_length
+        if keep < length:
+            self._map(lambda t: t[..., :keep, :])
+
+    def reset(self):
+        self.keys = self.values = None
+        self.key_params = self.value_params = None
+        self.is_initialized = False
+
+
+class QWenCache(DynamicCache):
+    """The KV cache (plain or int8 per `config.use_cache_quantization`) plus the dynamic-NTK alphas
+    chosen at prefill, which later decoding steps keep (as the original does)."""
+
+    def __init__(self, config: QWenConfig):
+        layer_class = Int8KVLayer if config.use_cache_quantization else DynamicLayer
+        Cache.__init__(self, layers=[layer_class() for _ in range(config.num_hidden_layers)])
+        self.ntk_alphas: list[float] | None = None
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class QWenRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, cast back, then scale (the weight multiplies after the cast).
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class QWenMLP(nn.Module):
+    def __init__(self, config: QWenConfig):
+        super().__init__()
+        width = config.intermediate_size // 2
+        self.w1 = nn.Linear(config.hidden_size, width, bias=not config.no_bias)
+        self.w2 = nn.Linear(config.hidden_size, width, bias=not config.no_bias)
+        self.c_proj = nn.Linear(width, config.hidden_size, bias=not config.no_bias)
+
+    def forward(self, x):
+        return self.c_proj(self.w1(x) * F.silu(self.w2(x)))  # w2 is the gated branch
+
+
+class QWenAttention(nn.Module):
+    def __init__(self, config: QWenConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.c_attn = nn.Linear(config.hidden_size, 3 * config.hidden_size)  # bias always present
+        self.c_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=not config.no_bias)
+        self.attn_dropout = nn.Dropout(config.attn_dropout_prob)
+        windows = config.window_attn_sizes
+        self.window = windows[layer_idx] if windows and windows[layer_idx] and windows[layer_idx] > 0 else None
+
+    def forward(self, hidden_states, rotary, bias, causal, cache=None, output_attentions=False):
+        batch, length, _ = hidden_states.shape
+        q, k, v = self.c_attn(hidden_states).split(self.config.hidden_size, dim=2)
+        q, k, v = (t.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        cos, sin = rotary
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        elif self.config.use_cache_quantization:
+            # The original quantizes the chunk before attention even without a cache.
+            k, v = dequantize_kv(*quantize_kv(k)), dequantize_kv(*quantize_kv(v))
+
+        key_len = k.shape[2]
+        seq_length = self.config.seq_length
+        if self.config.use_logn_attn and not self.training and key_len > seq_length:
+            q = q * logn_factors(key_len - length, key_len, seq_length, q.device).type_as(q)[None, None, :, None]
+
+        if output_attentions or self.config.use_cache_quantization:
+            out, weights = self._eager(q, k, v, bias, causal)
+        else:
+            out, weights = self._fast(q, k, v, bias, causal), None
+        out = out.transpose(1, 2).reshape(batch, length, self.config.hidden_size)
+        return self.c_proj(out), weights
+
+    def _eager(self, q, k, v, bias, causal):
+        scores = torch.matmul(q, k.transpose(-1, -2)) / (v.size(-1) ** 0.5)
+        if bias is not None:
+            scores = scores + bias
+        elif causal:
+            tril = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+            scores = torch.where(tril, scores, torch.finfo(scores.dtype).min)
+        probs = F.softmax(scores.float() if self.config.softmax_in_fp32 else scores, dim=-1).type(q.dtype)
+        probs = self.attn_dropout(probs)
+        return torch.matmul(probs, v), probs
+
+    def _fast(self, q, k, v, bias, causal):
+        dropout = self.config.attn_dropout_prob if self.training else 0.0
+        flash = _flash_attn_func() if q.is_cuda and q.dtype != torch.float32 else None
+        if flash is not None and flash_attn_enabled(self.config) and bias is None:
+            window = (self.window - 1, 0) if self.window else (-1, -1)
+            out = flash(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout, causal=causal, window_size=window
+            )
+            return out.transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, is_causal=causal)
+
+
+class QWenBlock(GradientCheckpointingLayer):
+    def __init__(self, config: QWenConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = QWenRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.attn = QWenAttention(config, layer_idx)
+        self.ln_2 = QWenRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.mlp = QWenMLP(config)
+
+    def forward(self, hidden_states, rotary, bias, causal, cache=None, output_attentions=False):
+        attn_out, weights = self.attn(self.ln_1(hidden_states), rotary, bias, causal, cache, output_attentions)
+        hidden_states = hidden_states + attn_out
+        hidden_states = hidden_states + self.mlp(self.ln_2(hidden_states))
+        return hidden_states, weights
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class QWenPreTrainedModel(PreTrainedModel):
+    config_class = QWenConfig
+    config: QWenConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["QWenBlock"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _keys_to_ignore_on_load_missing = [r"h\.\d+\.attn\.rotary_emb\.inv_freq"]
+    _keys_to_ignore_on_load_unexpected = [r"h\.\d+\.attn\.masked_bias", r"rotary_emb\.inv_freq"]
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, QWenRMSNorm):
+            init.ones_(module.weight)
+        # Residual projections get a depth-scaled std, as in the original.
+        if isinstance(module, (QWenAttention, QWenMLP)):
+            init.normal_(module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.num_hidden_layers))
+
+
+def _as_cache(config, cache, past_key_values):
+    cache = cache if cache is not None else past_key_values
+    if cache is not None and not isinstance(cache, Cache):
+        raise TypeError(
+            f"past_key_values must be a transformers Cache (e.g. qwen.QWenCache), not {type(cache).__name__}; "
+            "legacy tuples are not supported on transformers 5"
+        )
+    return cache
+
+
+class QWenModel(QWenPreTrainedModel):
+    def __init__(self, config: QWenConfig):
+        config.check_buildable()
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.drop = nn.Dropout(config.emb_dropout_prob)
+        self.h = nn.ModuleList([QWenBlock(config, i) for i in range(config.num_hidden_layers)])
+        self.ln_f = QWenRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        head_dim = config.hidden_size // config.num_attention_heads
+        self.rotary_dim = head_dim if config.rotary_pct == 1.0 else int(config.kv_channels * config.rotary_pct)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.wte
+
+    def set_input_embeddings(self, value):
+        self.wte = value
+
+    def _ntk_alphas(self, cache, query_len, key_len, padding_mask) -> list[float]:
+        config = self.config
+        if self.training or not config.use_dynamic_ntk:
+            alphas = [1.0]
+        elif key_len != query_len:
+            # Decoding after a prefill: keep the alphas chosen for the prompt.
+            alphas = getattr(cache, "ntk_alphas", None) or [ntk_alpha(key_len, config.seq_length)]
+        elif padding_mask is not None and key_len > config.seq_length:
+            true_lengths = padding_mask.sum(dim=-1).tolist()
+            alphas = [ntk_alpha(int(n), config.seq_length) for n in true_lengths]
+        else:
+            alphas = [ntk_alpha(key_len, config.seq_length)]
+        if cache is not None:
+            cache.ntk_alphas = alphas
+        return alphas
+
+    def _rotary(self, alphas, query_len, key_len, device):
+        positions = torch.arange(key_len - query_len, key_len, device=device)
+        tables = {a: rotary_cos_sin(positions, self.rotary_dim, float(self.config.rotary_emb_base), a) for a in set(alphas)}
+        cos = torch.stack([tables[a][0] for a in alphas])[:, None]  # [B or 1, 1, T, D]
+        sin = torch.stack([tables[a][1] for a in alphas])[:, None]
+        return cos, sin
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,  # ignored, as in the original: positions come from the cache length
+        cache=None,
+        inputs_embeds=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        past_key_values=None,
+        **kwargs,
+    ):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        cache = _as_cache(self.config, cache, past_key_values)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if use_cache and cache is None:
+            cache = QWenCache(self.config)
+        if not use_cache:
+            cache = None
+        hidden_states = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
+        batch, query_len = hidden_states.shape[:2]
+        key_len = query_len + (cache.get_seq_length() if cache is not None else 0)
+
+        padding_mask = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape != (batch, key_len):
+                raise ValueError(
+                    f"attention_mask must have shape (batch, past + new tokens) = ({batch}, {key_len}), "
+                    f"got {tuple(attention_mask.shape)}"
+                )
+            if not bool(attention_mask.all()):
+                padding_mask = attention_mask
+
+        alphas = self._ntk_alphas(cache, query_len, key_len, padding_mask)
+        rotary = self._rotary(alphas, query_len, key_len, hidden_states.device)
+        biases = {}
+        for block in self.h:
+            window = block.attn.window if block.attn.window and block.attn.window < key_len else None
+            if padding_mask is None and window is None and (query_len == 1 or query_len == key_len):
+                biases[window] = None
+            elif window not in biases:
+                biases[window] = attention_bias(
+                    padding_mask, query_len, key_len, window, hidden_states.dtype, hidden_states.device
+                )
+        causal = query_len > 1 and query_len == key_len
+
+        hidden_states = self.drop(hidden_states)
+        all_hidden, all_attn = [], []
+        for block in self.h:
+            if output_hidden_states:
+                all_hidden.append(hidden_states)
+            window = block.attn.window if block.attn.window and block.attn.window < key_len else None
+            bias = biases[window]
+            hidden_states, weights = block(
+                hidden_states, rotary, bias, causal and bias is None, cache, bool(output_attentions)
+            )
+            if output_attentions:
+                all_attn.append(weights)
+        hidden_states = self.ln_f(hidden_states)
+        if output_hidden_states:
+            all_hidden.append(hidden_states)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            cache=cache,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            attentions=tuple(all_attn) if output_attentions else None,
+        )
+
+
+class _TokenQueue(BaseStreamer):
+    """Collects generated token ids from `generate` running in another thread."""
+
+    def __init__(self):
+        self.tokens: list[int] = []
+        self.event = threading.Condition()
+        self.done = False
+        self.skipped_prompt = False
+
+    def put(self, value):
+        if not self.skipped_prompt:  # the first call carries the prompt
+            self.skipped_prompt = True
+            return
+        with self.event:
+            self.tokens.extend(value.reshape(-1).tolist())
+            self.event.notify()
+
+    def end(self):
+        with self.event:
+            self.done = True
+            self.event.notify()
+
+
+class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {}
+
+    def __init__(self, config: QWenConfig):
+        super().__init__(config)
+        self.transformer = QWenModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.use_cache_kernel:
+            warnings.warn("use_cache_kernel: the int8 cache kernels are not built in this version; using the torch path")
+        self.post_init()
+        # The original casts to the flagged precision at construction.
+        if config.bf16:
+            self.to(torch.bfloat16)
+        elif config.fp16:
+            self.to(torch.float16)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """transformers' from_pretrained, plus the original's precision flags: an explicit
+        `dtype`/`torch_dtype` wins (and sets the flags); otherwise the flags (or their auto rule) pick it.
+        Config fields such as `bf16=True` or `use_flash_attn=False` may be passed as keyword arguments."""
+        config = kwargs.pop("config", None)
+        if config is None or isinstance(config, (str, bytes)) or hasattr(config, "__fspath__"):
+            hub_keys = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+            hub_kwargs = {k: kwargs[k] for k in hub_keys if k in kwargs}
+            config = cls.config_class.from_pretrained(config or pretrained_model_name_or_path, **hub_kwargs)
+        else:
+            config = copy.deepcopy(config)
+        for key in list(kwargs):
+            if key in cls.config_class.__dataclass_fields__ and key not in ("dtype", "torch_dtype"):
+                setattr(config, key, kwargs.pop(key))
+        dtype = kwargs.pop("dtype", None)
+        torch_dtype = kwargs.pop("torch_dtype", None)
+        dtype = dtype if dtype is not None else torch_dtype
+        if isinstance(dtype, str) and dtype != "auto":
+            dtype = getattr(torch, dtype)
+        if dtype is None or dtype == "auto":
+            dtype = resolve_precision(config)
+        else:
+            set_precision_flags(config, dtype)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, dtype=dtype, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Write the original format plus our remote-code files, so the directory loads anywhere."""
+        from pathlib import Path
+
+        self.config.auto_map = {
+            "AutoConfig": "configuration_qwen.QWenConfig",
+            "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel",
+        }
+        self.config.architectures = ["QWenLMHeadModel"]
+        super().save_pretrained(save_directory, *args, **kwargs)
+        here = Path(__file__).resolve().parent
+        for name in REMOTE_CODE_FILES:
+            (Path(save_directory) / name).write_bytes((here / name).read_bytes())
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        past_key_values=None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ):
+        outputs = self.transformer(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            cache=cache,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden_states = outputs.last_hidden_state
+        if logits_to_keep and labels is None:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            # Shifted cross-entropy on model-dtype logits (no upcast), -100 ignored.
+            labels = labels.to(logits.device)
+            shift_logits = logits[..., :-1, :].contiguous()
+            shift_labels = labels[..., 1:].contiguous()
+            loss = F.cross_entropy(shift_logits.view(-1, shift_logits.size(-1)), shift_labels.view(-1))
+        result = CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return result if return_dict is not False else result.to_tuple()
+
+    # ------------------------------------------------------------------------- generation
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        # Our own cache: int8 layers when configured, and a home for the prefill NTK alphas.
+        if (
+            model_kwargs.get("cache") is None
+            and generation_config.use_cache is not False
+            and generation_config.cache_implementation in (None, "dynamic")
+        ):
+            model_kwargs["cache"] = QWenCache(self.config)
+            return
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def generate(self, inputs=None, generation_config=None, logits_processor=None, **kwargs):
+        """transformers' generate plus the original's `stop_words_ids` (kwarg or generation config)."""
+        # Fold generation options given as keyword arguments into a private copy of the config.
+        generation_config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
+        kwargs.pop("max_window_size", None)  # a chat() option the original forwards here
+        stop_words_ids = kwargs.pop("stop_words_ids", None)
+        kwargs = generation_config.update(**kwargs)
+        if stop_words_ids is None:
+            stop_words_ids = getattr(generation_config, "stop_words_ids", None)
+        processors = LogitsProcessorList(logits_processor or [])  # never mutate the caller's list
+        if stop_words_ids:
+            processors.append(StopWordsLogitsProcessor(stop_words_ids, eos_token_id=generation_config.eos_token_id))
+        return super().generate(inputs, generation_config=generation_config, logits_processor=processors, **kwargs)
+
+    def _chat_inputs(self, tokenizer, query, history, system, stop_words_ids, generation_config, kwargs):
+        generation_config = generation_config if generation_config is not None else self.generation_config
+        chat_format = getattr(generation_config, "chat_format", None)
+        if chat_format != "chatml":
+            raise ValueError(
+                f"chat() needs a chat model: generation_config.chat_format is {chat_format!r}, expected 'chatml' "
+                "(this looks like a base model; use generate() instead)"
+            )
+        max_window_size = kwargs.get("max_window_size") or getattr(generation_config, "max_window_size", None)
+        if max_window_size is None:
+            raise ValueError("chat() needs max_window_size (in generation_config.json or as a keyword argument)")
+        raw_text, context_tokens = make_context(
+            tokenizer, query, history=history, system=system, max_window_size=max_window_size, chat_format=chat_format
+        )
+        stop_words_ids = list(stop_words_ids or []) + get_stop_words_ids(chat_format, tokenizer)
+        input_ids = torch.tensor([context_tokens], device=self.device)
+        return raw_text, context_tokens, input_ids, stop_words_ids, generation_config
+
+    def chat(
+        self,
+        tokenizer,
+        query: str,
+        history=None,
+        system: str = DEFAULT_SYSTEM,
+        stream=None,
+        stop_words_ids=None,
+        generation_config: GenerationConfig | None = None,
+        **kwargs,
+    ):
+        """One chat turn: returns (response, history + [(query, response)]); the caller's history is not changed."""
+        if stream is not None:
+            raise ValueError("chat() does not stream; use chat_stream()")
+        history = copy.deepcopy(history) if history is not None else []
+        raw_text, context_tokens, input_ids, stop_words_ids, generation_config = self._chat_inputs(
+            tokenizer, query, history, system, stop_words_ids, generation_config, kwargs
+        )
+        outputs = self.generate(
+            input_ids, stop_words_ids=stop_words_ids, generation_config=generation_config, **kwargs
+        )
+        response = decode_tokens(
+            outputs[0],
+            tokenizer,
+            raw_text_len=len(raw_text),
+            context_length=len(context_tokens),
+            chat_format=generation_config.chat_format,
+            errors="replace",
+        )
+        history.append((query, response))
+        return response, list(history)
+
+    def chat_stream(
+        self,
+        tokenizer,
+        query: str,
+        history=None,
+        system: str = DEFAULT_SYSTEM,
+        stop_words_ids=None,
+        logits_processor=None,
+        generation_config: GenerationConfig | None = None,
+        **kwargs,
+    ) -> Iterator[str]:
+        """Yield the cumulative response text as tokens arrive; the last value equals what chat()
+        returns for the same (greedy) generation. History is neither copied nor updated."""
+        raw_text, context_tokens, input_ids, stop_words_ids, generation_config = self._chat_inputs(
+            tokenizer, query, history, system, stop_words_ids, generation_config, kwargs
+        )
+        queue = _TokenQueue()
+        result, failure = {}, []
+
+        def run():
+            try:
+                result["ids"] = self.generate(
+                    input_ids,
+                    stop_words_ids=stop_words_ids,
+                    generation_config=generation_config,
+                    logits_processor=logits_processor,
+                    streamer=queue,
+                    **kwargs,
+                )
+            except BaseException as exc:  # surfaced in the consumer thread
+                failure.append(exc)
+                queue.end()
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        stop_ids = {tokenizer.im_start_id, tokenizer.im_end_id}
+        seen, last = 0, None
+        while True:
+            with queue.event:
+                while len(queue.tokens) == seen and not queue.done:
+                    queue.event.wait()
+                tokens, done = list(queue.tokens), queue.done
+            seen = len(tokens)
+            cut = next((i for i, t in enumerate(tokens) if t in stop_ids), len(tokens))
+            text = tokenizer.decode(tokens[:cut], skip_special_tokens=True, errors="ignore").strip()
+            if text and text != last and not done:
+                last = text
+                yield text
+            if done:
+                break
+        worker.join()
+        if failure:
+            raise failure[0]
+        final = decode_tokens(
+            result["ids"][0],
+            tokenizer,
+            raw_text_len=len(raw_text),
+            context_length=len(context_tokens),
+            chat_format=generation_config.chat_format,
+            errors="replace",
+        )
+        if final != last:
+            yield final
+
+
+# Files written next to saved weights so `trust_remote_code=True` loaders find our implementation.
+REMOTE_CODE_FILES = ("configuration_qwen.py", "modeling_qwen.py", "qwen_generation_utils.py", "tokenization_qwen.py")

@@ -1,0 +1,304 @@
+"""Chat formats, stop words and response decoding for Qwen v1.
+
+This file is also copied into saved checkpoints as remote code, so it imports
+only the standard library, torch and transformers.
+
+The token layout must match the original exactly: prompts are encoded piece by
+piece (role, "\\n", content, each on its own), which can differ from encoding the
+whole rendered string, and user text is encoded with ``allowed_special=set()``
+so that "<|im_end|>" typed by a user stays plain text.
+"""
+
+from numbers import Integral
+
+import torch
+from transformers import LogitsProcessor
+
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+ENDOFTEXT = "<|endoftext|>"
+DEFAULT_SYSTEM = "You are a helpful assistant."
+DEFAULT_MAX_WINDOW_SIZE = 6144
+CHAT_FORMATS = ("chatml", "raw")
+
+
+def _unknown_format(chat_format):
+    return NotImplementedError(f"Unknown chat format {chat_format!r}; expected one of {CHAT_FORMATS}")
+
+
+# ---------------------------------------------------------------------------
+# Prompt construction
+# ---------------------------------------------------------------------------
+
+
+def chatml_turn(tokenizer, role, content, close=True):
+    """One chatml turn as ``(text, ids)``: ``<|im_start|>{role}\\n{content}<|im_end|>``.
+
+    Shared by ``make_context`` and ``QWenTokenizer.apply_chat_template`` so both
+    produce identical ids. ``close=False`` leaves the turn open (no ``<|im_end|>``),
+    for continuing a final message.
+    """
+    ids = (
+        [tokenizer.im_start_id]
+        + tokenizer.encode(role, allowed_special=set())
+        + tokenizer.encode("\n")
+        + tokenizer.encode(content, allowed_special=set())
+    )
+    text = f"{IM_START}{role}\n{content}"
+    if close:
+        ids.append(tokenizer.im_end_id)
+        text += IM_END
+    return text, ids
+
+
+def chatml_generation_prompt(tokenizer):
+    """``\\n<|im_start|>assistant\\n`` as ``(text, ids)``, the cue for the model's reply."""
+    nl = tokenizer.encode("\n")
+    return f"\n{IM_START}assistant\n", nl + [tokenizer.im_start_id] + tokenizer.encode("assistant") + nl
+
+
+def _check_query(query):
+    if not isinstance(query, str):
+        raise TypeError(f"query must be a non-empty string, got {type(query).__name__}")
+    if not query:
+        raise ValueError("query must be a non-empty string")
+
+
+def _check_history(history):
+    """Return history as a list of (query, response) string pairs, or raise naming the bad entry."""
+    if history is None:
+        return []
+    if not isinstance(history, (list, tuple)):
+        raise TypeError(f"history must be a list of (query, response) pairs, got {type(history).__name__}")
+    for i, entry in enumerate(history):
+        if not isinstance(entry, (list, tuple)) or len(entry) != 2:
+            raise ValueError(f"history[{i}] must be a (query, response) pair, got {entry!r}")
+        if not all(isinstance(part, str) for part in entry):
+            raise TypeError(f"history[{i}] must hold two strings, got {entry!r}")
+    return list(history)
+
+
+def make_context(tokenizer, query, history=None, system="", max_window_size=DEFAULT_MAX_WINDOW_SIZE, chat_format="chatml"):
+    """Build the prompt for ``query``: returns ``(raw_text, context_tokens)``.
+
+    chatml: system turn, then as many past turns as fit, then the query and the
+    assistant cue. Past turns are kept newest-first while
+    ``len(system) + len(turn) + len(kept) < max_window_size`` and dropped from the
+    first one that does not fit; the query itself is not counted (as in the original).
+    raw: the query alone, encoded with the defaults (special-token text becomes
+    control ids); history and system are ignored.
+    """
+    _check_query(query)
+    history = _check_history(history)
+    if chat_format == "raw":
+        return query, tokenizer.encode(query)
+    if chat_format != "chatml":
+        raise _unknown_format(chat_format)
+    if not isinstance(system, str):
+        raise TypeError(f"system must be a string, got {type(system).__name__}")
+
+    nl_tokens = tokenizer.encode("\n")
+    system_text, system_tokens = chatml_turn(tokenizer, "system", system)
+
+    kept_text, kept_tokens = "", []
+    for turn_query, turn_response in reversed(history):
+        query_text, query_tokens = chatml_turn(tokenizer, "user", turn_query)
+        response_text, response_tokens = chatml_turn(tokenizer, "assistant", turn_response)
+        turn_tokens = nl_tokens + query_tokens + nl_tokens + response_tokens
+        if len(system_tokens) + len(turn_tokens) + len(kept_tokens) >= max_window_size:
+            break
+        kept_tokens = turn_tokens + kept_tokens
+        kept_text = f"\n{query_text}\n{response_text}" + kept_text
+
+    query_text, query_tokens = chatml_turn(tokenizer, "user", query)
+    prompt_text, prompt_tokens = chatml_generation_prompt(tokenizer)
+    raw_text = system_text + kept_text + "\n" + query_text + prompt_text
+    context_tokens = system_tokens + kept_tokens + nl_tokens + query_tokens + prompt_tokens
+    return raw_text, context_tokens
+
+
+def get_stop_words_ids(chat_format, tokenizer):
+    """Token sequences that end a reply in ``chat_format``."""
+    if chat_format == "raw":
+        return [tokenizer.encode("Human:"), [tokenizer.eod_id]]
+    if chat_format == "chatml":
+        return [[tokenizer.im_end_id], [tokenizer.im_start_id]]
+    raise _unknown_format(chat_format)
+
+
+# ---------------------------------------------------------------------------
+# Response decoding
+# ---------------------------------------------------------------------------
+
+
+def _finish(text, end_reason, verbose, return_end_reason):
+    if verbose:
+        print("\nEnd Reason:", end_reason)
+        print("\nGenerate: ", text)
+    return (text, end_reason) if return_end_reason else text
+
+
+def _decode_chatml(tokens, tokenizer, raw_text_len, context_length, verbose, return_end_reason, errors):
+    end_ids = {tokenizer.im_start_id, tokenizer.im_end_id}
+    stop_at = next((i for i in range(context_length, len(tokens)) if tokens[i] in end_ids), None)
+    if stop_at is None:
+        end_reason = f"Gen length {len(tokens)}"
+        # Faithful quirk: the original's search loop leaves its index on the last
+        # token, so without an end marker the last generated token is dropped.
+        stop_at = max(context_length, len(tokens) - 1)
+    else:
+        end_reason = f"Gen {tokenizer.decode([tokens[stop_at]])!r}"
+    text = tokenizer.decode(tokens[:stop_at], errors=errors)[raw_text_len:]
+    if verbose:
+        print("\nRaw Generate w/o EOD:", tokenizer.decode(tokens, errors=errors)[raw_text_len:])
+        print("\nRaw Generate:", text)
+    return _finish(text.strip(), end_reason, verbose, return_end_reason)
+
+
+def _decode_raw(tokens, tokenizer, raw_text_len, verbose, return_end_reason, errors):
+    text = tokenizer.decode(tokens, errors=errors)[raw_text_len:]
+    if verbose:
+        print("\nRaw Generate: ", text)
+    # "<|endoftext|>" is deleted wherever it occurs; "Human:" is kept.
+    text = text.replace(ENDOFTEXT, "").strip()
+    return _finish(text, f"Gen length {len(tokens)}", verbose, return_end_reason)
+
+
+def decode_tokens(
+    tokens,
+    tokenizer,
+    raw_text_len,
+    context_length,
+    chat_format,
+    verbose=False,
+    return_end_reason=False,
+    errors="replace",
+):
+    """Decode the reply in ``tokens`` (prompt + generation).
+
+    ``raw_text_len`` is the prompt's character length before NFC (so non-NFC
+    prompts shift the slice, as in the original); ``context_length`` is the
+    prompt's token count.
+    """
+    if torch.is_tensor(tokens):
+        tokens = tokens.cpu().tolist()
+    if chat_format == "chatml":
+        return _decode_chatml(tokens, tokenizer, raw_text_len, context_length, verbose, return_end_reason, errors)
+    if chat_format == "raw":
+        return _decode_raw(tokens, tokenizer, raw_text_len, verbose, return_end_reason, errors)
+    raise _unknown_format(chat_format)
+
+
+# ---------------------------------------------------------------------------
+# Generation helpers
+# ---------------------------------------------------------------------------
+
+
+class StopWordsLogitsProcessor(LogitsProcessor):
+    """Push ``eos_token_id`` to the top once a sample's ids end with a stop sequence.
+
+    Nothing else is masked: in chat the model emits ``<|im_end|>``, this sets the
+    eos logit to 32768, and HF's own eos handling then ends that sample.
+    """
+
+    BOOST = float(2**15)
+
+    def __init__(self, stop_words_ids, eos_token_id):
+        if not isinstance(stop_words_ids, list) or not stop_words_ids:
+            raise ValueError(f"`stop_words_ids` has to be a non-empty list, but is {stop_words_ids!r}.")
+        for seq in stop_words_ids:
+            if not isinstance(seq, list):
+                raise ValueError(f"`stop_words_ids` has to be a list of lists, but is {stop_words_ids!r}.")
+            if not seq:
+                raise ValueError(f"`stop_words_ids` cannot contain an empty list: {stop_words_ids!r}.")
+            if any(not isinstance(t, Integral) or isinstance(t, bool) or t < 0 for t in seq):
+                raise ValueError(
+                    f"Each list in `stop_words_ids` has to be a list of non-negative integers, but is {stop_words_ids!r}."
+                )
+        # [eos] alone needs no boost: HF already stops on it.
+        self.stop_words_ids = [[int(t) for t in seq] for seq in stop_words_ids if list(seq) != [eos_token_id]]
+        self.eos_token_id = eos_token_id
+
+    def _stopped(self, input_ids):
+        """Bool per sample: do its ids (prompt included) end with any stop sequence?"""
+        stopped = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for seq in self.stop_words_ids:
+            if len(seq) > input_ids.shape[1]:
+                continue
+            target = torch.tensor(seq, dtype=input_ids.dtype, device=input_ids.device)
+            stopped |= (input_ids[:, -len(seq) :] == target).all(dim=1)
+        return stopped
+
+    def __call__(self, input_ids, scores):
+        stopped = self._stopped(input_ids)
+        if stopped.any():
+            scores[stopped, self.eos_token_id] = self.BOOST
+        return scores
+
+
+def pad_batch(batch, pad_id, seq_length):
+    """Right-pad each token list in ``batch`` in place to ``seq_length``."""
+    for tokens in batch:
+        if len(tokens) < seq_length:
+            tokens.extend([pad_id] * (seq_length - len(tokens)))
+    return batch
+
+
+def get_ltor_masks_and_position_ids(data, eod_token, reset_position_ids, reset_attention_mask, eod_mask_loss):
+    """Megatron-style left-to-right masks for a [batch, seq] tensor of ids.
+
+    Returns ``(attention_mask, loss_mask, position_ids)``; attention_mask is True
+    where attention is *blocked*. The reset options restart positions / block
+    attention across ``eod_token`` document boundaries.
+    """
+    batch, seq_length = data.size()
+    mask_batch = batch if reset_attention_mask else 1
+    attention_mask = torch.tril(torch.ones((mask_batch, seq_length, seq_length), device=data.device))
+    attention_mask = attention_mask.view(mask_batch, 1, seq_length, seq_length)
+    loss_mask = torch.ones(data.size(), dtype=torch.float, device=data.device)
+    if eod_mask_loss:
+        loss_mask[data == eod_token] = 0.0
+    position_ids = torch.arange(seq_length, dtype=torch.long, device=data.device).unsqueeze(0).expand_as(data)
+    if reset_position_ids:
+        position_ids = position_ids.clone()
+    if reset_position_ids or reset_attention_mask:
+        for b in range(batch):
+            eod_index = (data[b] == eod_token).nonzero(as_tuple=True)[0].tolist()
+            prev_index = 0
+            for i in eod_index:
+                if reset_attention_mask:
+                    attention_mask[b, 0, i + 1 :, : i + 1] = 0
+                if reset_position_ids:
+                    position_ids[b, i + 1 :] -= i + 1 - prev_index
+                    prev_index = i + 1
+    return attention_mask < 0.5, loss_mask, position_ids
+
+
+def get_batch(context_tokens, eod_id):
+    """``(tokens, attention_mask, position_ids)`` for plain causal generation."""
+    tokens = context_tokens.contiguous()
+    attention_mask, _, position_ids = get_ltor_masks_and_position_ids(
+        tokens, eod_id, reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False
+    )
+    return tokens, attention_mask, position_ids
+
+
+def top_k_logits(logits, top_k=0, top_p=0.0, filter_value=-float("Inf")):
+    """Filter [batch, vocab] ``logits`` in place to the top-k and/or nucleus (top-p) set."""
+    if top_k > 0:
+        logits[logits < torch.topk(logits, top_k)[0][..., -1, None]] = filter_value
+    if top_p > 0.0:
+        sorted_logits, sorted_indices = torch.sort(logits, descending=True)
+        cumulative = torch.cumsum(torch.softmax(sorted_logits, dim=-1), dim=-1)
+        remove = cumulative > top_p
+        # Shift right so the token that crosses top_p is kept; always keep the best one.
+        remove[..., 1:] = remove[..., :-1].clone()
+        remove[..., 0] = False
+        logits.scatter_(-1, sorted_indices, sorted_logits.masked_fill(remove, filter_value))
+    return logits
+
+
+def switch(val1, val2, boolean):
+    """Elementwise ``val2 if boolean else val1``."""
+    boolean = boolean.type_as(val1)
+    return (1 - boolean) * val1 + boolean * val2
