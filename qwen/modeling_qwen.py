@@ -106,9 +106,10 @@ def apply_rotary(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def logn_factors(start: int, end: int, seq_length: int, device) -> torch.Tensor:
-    """LogN query scaling for 0-based positions start..end-1: log(p+1)/log(S) past S, else 1 (fp32)."""
+    """LogN query scaling for 0-based positions start..end-1: log(p+1)/log(S) past S, else 1.
+    Python's math.log rounded to fp32, as the original's table; shaped [1, 1, T, 1] for [B, N, T, d]."""
     values = [math.log(p, seq_length) if p > seq_length else 1.0 for p in range(start + 1, end + 1)]
-    return torch.tensor(values, dtype=torch.float32, device=device)
+    return torch.tensor(values, dtype=torch.float32, device=device)[None, None, :, None]
 
 
 def attention_bias(
@@ -257,7 +258,7 @@ class QWenAttention(nn.Module):
         windows = config.window_attn_sizes
         self.window = windows[layer_idx] if windows and windows[layer_idx] and windows[layer_idx] > 0 else None
 
-    def forward(self, hidden_states, rotary, bias, causal, cache=None, output_attentions=False):
+    def forward(self, hidden_states, rotary, logn, bias, causal, cache=None, output_attentions=False):
         batch, length, _ = hidden_states.shape
         q, k, v = self.c_attn(hidden_states).split(self.config.hidden_size, dim=2)
         q, k, v = (t.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
@@ -270,10 +271,8 @@ class QWenAttention(nn.Module):
             # The original quantizes the chunk before attention even without a cache.
             k, v = dequantize_kv(*quantize_kv(k)), dequantize_kv(*quantize_kv(v))
 
-        key_len = k.shape[2]
-        seq_length = self.config.seq_length
-        if self.config.use_logn_attn and not self.training and key_len > seq_length:
-            q = q * logn_factors(key_len - length, key_len, seq_length, q.device).type_as(q)[None, None, :, None]
+        if logn is not None:
+            q = q * logn.type_as(q)  # after RoPE; the cache holds unscaled keys only
 
         if output_attentions or self.config.use_cache_quantization:
             out, weights = self._eager(q, k, v, bias, causal)
@@ -313,8 +312,8 @@ class QWenBlock(GradientCheckpointingLayer):
         self.ln_2 = QWenRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.mlp = QWenMLP(config)
 
-    def forward(self, hidden_states, rotary, bias, causal, cache=None, output_attentions=False):
-        attn_out, weights = self.attn(self.ln_1(hidden_states), rotary, bias, causal, cache, output_attentions)
+    def forward(self, hidden_states, rotary, logn, bias, causal, cache=None, output_attentions=False):
+        attn_out, weights = self.attn(self.ln_1(hidden_states), rotary, logn, bias, causal, cache, output_attentions)
         hidden_states = hidden_states + attn_out
         hidden_states = hidden_states + self.mlp(self.ln_2(hidden_states))
         return hidden_states, weights
@@ -441,12 +440,16 @@ class QWenModel(QWenPreTrainedModel):
 
         alphas = self._ntk_alphas(cache, query_len, key_len, padding_mask)
         rotary = self._rotary(alphas, query_len, key_len, hidden_states.device)
+        logn = None
+        if self.config.use_logn_attn and not self.training and key_len > self.config.seq_length:
+            logn = logn_factors(key_len - query_len, key_len, self.config.seq_length, hidden_states.device)
+        # One additive mask per distinct window; None where plain causal (or nothing) suffices.
+        windows = [b.attn.window if b.attn.window and b.attn.window < key_len else None for b in self.h]
         biases = {}
-        for block in self.h:
-            window = block.attn.window if block.attn.window and block.attn.window < key_len else None
+        for window in set(windows):
             if padding_mask is None and window is None and (query_len == 1 or query_len == key_len):
                 biases[window] = None
-            elif window not in biases:
+            else:
                 biases[window] = attention_bias(
                     padding_mask, query_len, key_len, window, hidden_states.dtype, hidden_states.device
                 )
@@ -454,13 +457,12 @@ class QWenModel(QWenPreTrainedModel):
 
         hidden_states = self.drop(hidden_states)
         all_hidden, all_attn = [], []
-        for block in self.h:
+        for block, window in zip(self.h, windows):
             if output_hidden_states:
                 all_hidden.append(hidden_states)
-            window = block.attn.window if block.attn.window and block.attn.window < key_len else None
             bias = biases[window]
             hidden_states, weights = block(
-                hidden_states, rotary, bias, causal and bias is None, cache, bool(output_attentions)
+                hidden_states, rotary, logn, bias, causal and bias is None, cache, bool(output_attentions)
             )
             if output_attentions:
                 all_attn.append(weights)

@@ -1,0 +1,39 @@
+"""The package frame: optional dependencies stay optional, scripts answer --help."""
+
+import subprocess
+import sys
+
+OPTIONAL = ("flash_attn", "gptqmodel", "auto_gptq", "deepspeed", "peft", "gradio", "fastapi", "dashscope")
+
+
+def run_python(code: str) -> str:
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_import_qwen_pulls_in_no_optional_dependency():
+    loaded = run_python(
+        "import sys, qwen\n"
+        f"print(sorted(m for m in {OPTIONAL!r} if m in sys.modules))"
+    )
+    assert loaded == "[]"
+
+
+def test_import_qwen_registers_auto_classes():
+    out = run_python(
+        "import qwen\n"
+        "from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer\n"
+        "from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING\n"
+        "cfg = AutoConfig.for_model('qwen', seq_length=16)\n"
+        "print(type(cfg).__name__, AutoModelForCausalLM._model_mapping[type(cfg)].__name__)"
+    )
+    assert out == "QWenConfig QWenLMHeadModel"
+
+
+def test_tools_answer_help():
+    for module in ("qwen.tools.tiny_checkpoint", "qwen.tools.demo"):
+        result = subprocess.run(
+            [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0 and "usage:" in result.stdout, result.stderr
