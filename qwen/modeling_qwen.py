@@ -500,6 +500,21 @@ class _TokenQueue(BaseStreamer):
             self.event.notify()
 
 
+def _unreadable_safetensors(directory) -> str:
+    """The first *.safetensors file in `directory` that safetensors cannot open (for error messages)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    for path in sorted(Path(directory).glob("*.safetensors")) if Path(directory).is_dir() else []:
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except Exception:
+            return str(path)
+    return str(directory)
+
+
 class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {}
 
@@ -540,7 +555,18 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
             dtype = resolve_precision(config)
         else:
             set_precision_flags(config, dtype)
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, dtype=dtype, **kwargs)
+        try:
+            return super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, config=config, dtype=dtype, **kwargs
+            )
+        except Exception as exc:
+            if type(exc).__name__ != "SafetensorError":
+                raise
+            # safetensors' own message names no file: find the shard it could not read.
+            raise OSError(
+                f"cannot read {_unreadable_safetensors(pretrained_model_name_or_path)}: {exc} "
+                "(the file is truncated or corrupt)"
+            ) from exc
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Write the original format plus our remote-code files, so the directory loads anywhere."""
