@@ -25,6 +25,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .configuration_qwen import QWenConfig
 from .qwen_generation_utils import (
     StopWordsLogitsProcessor,
+    check_history,
     decode_tokens,
     get_stop_words_ids,
     make_context,
@@ -693,7 +694,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         """One chat turn: returns (response, history + [(query, response)]); the caller's history is not changed."""
         if stream is not None:
             raise ValueError("chat() does not stream; use chat_stream()")
-        history = copy.deepcopy(history) if history is not None else []
+        history = copy.deepcopy(check_history(history))
         raw_text, context_tokens, input_ids, stop_words_ids, generation_config = self._chat_inputs(
             tokenizer, query, history, system, stop_words_ids, generation_config, kwargs
         )
@@ -709,7 +710,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
             errors="replace",
         )
         history.append((query, response))
-        return response, list(history)
+        return response, history
 
     def chat_stream(
         self,

@@ -64,7 +64,7 @@ def _check_query(query):
         raise ValueError("query must be a non-empty string")
 
 
-def _check_history(history):
+def check_history(history):
     """Return history as a list of (query, response) string pairs, or raise naming the bad entry."""
     if history is None:
         return []
@@ -89,7 +89,7 @@ def make_context(tokenizer, query, history=None, system="", max_window_size=DEFA
     control ids); history and system are ignored.
     """
     _check_query(query)
-    history = _check_history(history)
+    history = check_history(history)
     if chat_format == "raw":
         return query, tokenizer.encode(query)
     if chat_format != "chatml":
