@@ -297,10 +297,8 @@ class QWenAttention(nn.Module):
         dropout = self.config.attn_dropout_prob if self.training else 0.0
         flash = _flash_attn_func() if q.is_cuda and q.dtype != torch.float32 else None
         if flash is not None and flash_attn_enabled(self.config) and bias is None:
-            window = (self.window - 1, 0) if self.window else (-1, -1)
-            out = flash(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout, causal=causal, window_size=window
-            )
+            # Only unpadded, unwindowed chunks reach here (bias is None); flash wants [B, T, N, d].
+            out = flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout, causal=causal)
             return out.transpose(1, 2)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, is_causal=causal)
 
@@ -659,7 +657,11 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
             stop_words_ids = getattr(generation_config, "stop_words_ids", None)
         processors = LogitsProcessorList(logits_processor or [])  # never mutate the caller's list
         if stop_words_ids:
-            processors.append(StopWordsLogitsProcessor(stop_words_ids, eos_token_id=generation_config.eos_token_id))
+            eos = generation_config.eos_token_id
+            eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+            if eos is None:
+                raise ValueError("stop_words_ids need an eos_token_id (the stop boosts eos, as in the original)")
+            processors.append(StopWordsLogitsProcessor(stop_words_ids, eos_token_id=eos))
         return super().generate(inputs, generation_config=generation_config, logits_processor=processors, **kwargs)
 
     def _chat_inputs(self, tokenizer, query, history, system, stop_words_ids, generation_config, kwargs):
