@@ -57,7 +57,10 @@ def set_precision_flags(config: QWenConfig, dtype: torch.dtype) -> None:
 
 
 def flash_attn_enabled(config: QWenConfig) -> bool:
-    """`use_flash_attn="auto"` means: on for 16-bit models (only used when installed and on CUDA)."""
+    """`use_flash_attn="auto"` means: on for 16-bit models (only used when installed and on CUDA);
+    `attn_implementation="flash_attention_2"` turns it on too."""
+    if config._attn_implementation == "flash_attention_2":
+        return True
     if config.use_flash_attn == "auto":
         return bool(config.bf16 or config.fp16)
     return bool(config.use_flash_attn)
@@ -275,7 +278,9 @@ class QWenAttention(nn.Module):
         if logn is not None:
             q = q * logn.type_as(q)  # after RoPE; the cache holds unscaled keys only
 
-        if output_attentions or self.config.use_cache_quantization:
+        # The int8 cache uses the manual path, as in the original; so does attn_implementation="eager".
+        eager = self.config.use_cache_quantization or self.config._attn_implementation == "eager"
+        if output_attentions or eager:
             out, weights = self._eager(q, k, v, bias, causal)
         else:
             out, weights = self._fast(q, k, v, bias, causal), None

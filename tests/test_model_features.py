@@ -186,3 +186,36 @@ def test_cache_object_and_legacy_tuple_error():
     assert isinstance(out.cache, QWenCache) and out.cache.get_seq_length() == 24
     with pytest.raises(TypeError, match="Cache"):
         model(IDS[:, :1], past_key_values=((torch.zeros(1),),))
+
+
+def test_attn_implementation_eager_is_honoured(monkeypatch):
+    """`attn_implementation="eager"` (as with any transformers model) runs the manual path."""
+    calls = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting_sdpa(*args, **kwargs):
+        calls.append(1)
+        return real_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
+    model = tiny_model()
+    sdpa_logits = logits(model, IDS)
+    assert len(calls) == 3  # one per layer
+    model.config._attn_implementation = "eager"
+    eager_logits = logits(model, IDS)
+    assert len(calls) == 3
+    torch.testing.assert_close(sdpa_logits, eager_logits, atol=1e-5, rtol=0)
+
+
+def test_bf16_model_keeps_model_dtype_logits_and_loss():
+    """Logits stay in the model dtype and the loss is taken on them without an upcast."""
+    model = tiny_model(fp32=False, bf16=True)
+    assert model.dtype == torch.bfloat16
+    with torch.no_grad():
+        out = model(IDS, labels=IDS, use_cache=False)
+    assert out.logits.dtype == torch.bfloat16 and out.loss.dtype == torch.bfloat16
+    manual = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 256), IDS[:, 1:].reshape(-1))
+    assert torch.equal(out.loss, manual)
+    # bf16 stays close to the same weights in fp32.
+    reference = logits(model.float(), IDS)
+    assert (out.logits.float() - reference).abs().max() < 0.1 * reference.abs().max()
