@@ -352,7 +352,7 @@ class QWenPreTrainedModel(PreTrainedModel):
             init.normal_(module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.num_hidden_layers))
 
 
-def _as_cache(config, cache, past_key_values):
+def _as_cache(cache, past_key_values):
     cache = cache if cache is not None else past_key_values
     if cache is not None and not isinstance(cache, Cache):
         raise TypeError(
@@ -420,7 +420,7 @@ class QWenModel(QWenPreTrainedModel):
     ):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        cache = _as_cache(self.config, cache, past_key_values)
+        cache = _as_cache(cache, past_key_values)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False
