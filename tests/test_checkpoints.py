@@ -340,3 +340,16 @@ def test_cli_writes_a_complete_checkpoint(tmp_path, chat):
         assert generation["chat_format"] == "raw" and generation["stop_words_ids"] == [[151643]]
     tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
     assert tokenizer_config["auto_map"]["AutoTokenizer"][0] == "tokenization_qwen.QWenTokenizer"
+
+
+def test_aug_2023_legacy_config_keys_load(tmp_path):
+    """The first chat release used GPT-2-style keys (n_embd, n_layer, ffn_hidden_size, ...)."""
+    legacy = {"n_embd": 64, "n_layer": 2, "n_head": 4, "ffn_hidden_size": 344, "padded_vocab_size": 1024,
+              "n_positions": 6144, "embd_pdrop": 0.1, "bias_dropout_fusion": True, "params_dtype": "torch.float32"}
+    modern = {"hidden_size": None, "num_hidden_layers": None, "num_attention_heads": None,
+              "intermediate_size": None, "vocab_size": None, "max_position_embeddings": None}
+    out = golden_copy(tmp_path, **modern, **legacy)
+    config = qwen.QWenConfig.from_pretrained(out)
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (64, 2, 4)
+    assert (config.intermediate_size, config.vocab_size, config.max_position_embeddings) == (344, 1024, 6144)
+    assert torch.equal(logits(load(out)), logits(load(GOLDEN / "tiny_default")))
