@@ -1,0 +1,230 @@
+"""Prefill latency and greedy decode speed: our Qwen v1 model against transformers' Qwen2ForCausalLM
+holding the same weights (exported in memory by qwen.tools.export_qwen2), measured in one run.
+
+    python bench/decode.py [--shape {default,1_8b}] [--dtype bfloat16] [--prompt-len 256] [--new-tokens 64]
+
+It first prints the machine (CPU model, torch's CPU capability, threads) and a measured memory-read
+bandwidth, then the model's weight bytes and the decode roofline they imply, then medians for both
+models and the ratio ours/qwen2. The default shape needs about 2 GB in bf16 (4 GB in fp32) for the two
+models; --shape 1_8b (Qwen-1.8B) needs about 8 GB in bf16 (16 GB in fp32).
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+import transformers  # noqa: E402
+from transformers.generation.streamers import BaseStreamer  # noqa: E402
+
+from qwen import QWenConfig, QWenLMHeadModel  # noqa: E402
+from qwen.tools.export_qwen2 import to_qwen2  # noqa: E402
+
+SHAPES = {
+    "default": dict(hidden=1024, layers=12, heads=16, intermediate=5504),
+    "1_8b": dict(hidden=2048, layers=24, heads=16, intermediate=11008),  # Qwen-1.8B
+}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+# ----------------------------------------------------------------------------- machine
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def memory_read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes/s reading a `gib` GiB fp32 tensor with t.sum(), median of `repeats` after a warm-up."""
+    t = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+    t.sum()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        t.sum()
+        times.append(time.perf_counter() - start)
+    return t.numel() * 4 / statistics.median(times)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def build_models(shape: dict, vocab: int, seq_length: int, dtype: torch.dtype, seed: int):
+    """A random Qwen v1 model in `dtype` (initialised directly in it, no fp32 copy) and its Qwen2 export."""
+    config = QWenConfig(
+        vocab_size=vocab,
+        hidden_size=shape["hidden"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        kv_channels=shape["hidden"] // shape["heads"],
+        intermediate_size=shape["intermediate"],
+        seq_length=seq_length,
+        max_position_embeddings=seq_length,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        fp32=dtype == torch.float32,
+        use_flash_attn=False,
+    )
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        ours = QWenLMHeadModel(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    ours.generation_config.eos_token_id = None  # a random model must not stop early
+    ours.generation_config.pad_token_id = 0
+    return ours, to_qwen2(ours)
+
+
+def weight_bytes(model) -> tuple[int, int]:
+    """(all weight bytes, bytes read per decoded token): the embedding table is only gathered (one row)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight
+    return total, total - embedding.numel() * embedding.element_size()
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+class _Clock(BaseStreamer):
+    """Timestamps from generate(): the first put() carries the prompt, each later one a new token."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+@torch.inference_mode()
+def prefill_seconds(model, ids) -> float:
+    # As generate() does: fill the cache, logits for the last position only.
+    start = time.perf_counter()
+    model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def decode(model, ids, new_tokens: int) -> tuple[float, torch.Tensor]:
+    """(tokens/s after the first new token, the generated ids) for a greedy generate()."""
+    clock = _Clock()
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=False,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        streamer=clock,
+    )
+    first, last = clock.times[1], clock.times[-1]
+    return (len(clock.times) - 2) / (last - first), out[0, ids.shape[1]:]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Memory: the default shape needs ~2 GB in bf16 (~4 GB in fp32) for the two models; "
+        "--shape 1_8b needs ~8 GB in bf16 (~16 GB in fp32). Not part of `make test`.",
+    )
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="default",
+                        help="default: hidden 1024, 12 layers, 16 heads, intermediate 5504; "
+                        "1_8b: hidden 2048, 24 layers, 16 heads, intermediate 11008")
+    parser.add_argument("--hidden", type=int, help="override the shape's hidden size")
+    parser.add_argument("--layers", type=int, help="override the shape's layer count")
+    parser.add_argument("--heads", type=int, help="override the shape's head count")
+    parser.add_argument("--intermediate", type=int, help="override the shape's intermediate_size (both branches)")
+    parser.add_argument("--vocab", type=int, default=151936)
+    parser.add_argument("--seq-length", type=int, default=8192)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    parser.add_argument("--prompt-len", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--bandwidth-gib", type=float, default=1.0, help="size of the bandwidth probe tensor")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.new_tokens < 2:
+        parser.error("--new-tokens must be at least 2 (decode speed is measured after the first new token)")
+    if args.prompt_len + args.new_tokens > args.seq_length:
+        print("note: prompt + new tokens exceed --seq-length; our model then uses NTK/LogN and qwen2 does not")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shape = dict(SHAPES[args.shape])
+    for key in ("hidden", "layers", "heads", "intermediate"):
+        if getattr(args, key):
+            shape[key] = getattr(args, key)
+    dtype = DTYPES[args.dtype]
+
+    print(f"cpu: {cpu_model()} | capability {torch.backends.cpu.get_cpu_capability()} | "
+          f"torch threads {torch.get_num_threads()} | cores {os.cpu_count()}")
+    print(f"torch {torch.__version__} | transformers {transformers.__version__} | python {platform.python_version()} "
+          f"| load average {os.getloadavg()[0]:.2f} (other processes skew the numbers)")
+    bandwidth = memory_read_bandwidth(args.bandwidth_gib)
+    print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s (t.sum() over {args.bandwidth_gib:g} GiB fp32, median of 5)")
+
+    start = time.perf_counter()
+    ours, theirs = build_models(shape, args.vocab, args.seq_length, dtype, args.seed)
+    total, per_token = weight_bytes(ours)
+    print(f"model: hidden {shape['hidden']}, layers {shape['layers']}, heads {shape['heads']}, "
+          f"intermediate {shape['intermediate']}, vocab {args.vocab}, {args.dtype} (built in "
+          f"{time.perf_counter() - start:.1f} s)")
+    print(f"weights: {total / 1e9:.3f} GB each; read per decoded token (all but the embedding table): "
+          f"{per_token / 1e9:.3f} GB")
+    roofline = bandwidth / per_token
+    print(f"decode roofline: {roofline:.1f} tokens/s (bandwidth / bytes read per token)")
+    print(f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens (greedy), {args.repeats} repeats, "
+          "models interleaved")
+
+    ids = torch.randint(0, args.vocab, (1, args.prompt_len), generator=torch.Generator().manual_seed(args.seed))
+    models = {"ours": ours, "qwen2": theirs}
+    for model in models.values():  # warm-up: allocator, kernels, first-call paths
+        prefill_seconds(model, ids)
+        decode(model, ids, 4)
+    prefill = {name: [] for name in models}
+    speed = {name: [] for name in models}
+    tokens = {}
+    for _ in range(args.repeats):
+        for name, model in models.items():
+            prefill[name].append(prefill_seconds(model, ids))
+            rate, tokens[name] = decode(model, ids, args.new_tokens)
+            speed[name].append(rate)
+
+    med = {name: (statistics.median(prefill[name]), statistics.median(speed[name])) for name in models}
+    print()
+    print(f"{'model':<6} {'prefill ms (median)':>20} {'decode tok/s (median)':>22} {'% of roofline':>14}")
+    for name in models:
+        p, s = med[name]
+        print(f"{name:<6} {p * 1e3:>20.1f} {s:>22.2f} {100 * s / roofline:>13.0f}%")
+    prefill_ratio = med["ours"][0] / med["qwen2"][0]
+    decode_ratio = med["ours"][1] / med["qwen2"][1]
+    for name in models:
+        print(f"{name:<6} runs: prefill ms {[round(t * 1e3, 1) for t in prefill[name]]}, "
+              f"decode tok/s {[round(r, 2) for r in speed[name]]}")
+    print(f"ratio ours/qwen2: prefill latency {prefill_ratio:.3f} (< 1: ours faster), "
+          f"decode tokens/s {decode_ratio:.3f} (> 1: ours faster)")
+    same = (tokens["ours"] == tokens["qwen2"]).long()
+    agree = int(same.cumprod(0).sum())
+    print(f"greedy tokens: {'identical' if agree == len(same) else f'first {agree} of {len(same)} identical'}"
+          f" | load average at the end {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
