@@ -37,3 +37,14 @@ def test_tools_answer_help():
             [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120
         )
         assert result.returncode == 0 and "usage:" in result.stdout, result.stderr
+
+
+def test_demo_runs_a_two_turn_chat(tmp_path):
+    """What `make demo` runs, on a fresh tiny chat checkpoint."""
+    checkpoint = tmp_path / "tiny_chat"
+    for args in (["qwen.tools.tiny_checkpoint", str(checkpoint), "--chat"],
+                 ["qwen.tools.demo", str(checkpoint), "--max-new-tokens", "4"]):
+        result = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+    assert result.stdout.count("User: ") == 2 and result.stdout.count("Qwen: ") == 2
+    assert "history holds 2 turns" in result.stdout
