@@ -116,24 +116,42 @@ def logn_factors(start: int, end: int, seq_length: int, device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=device)[None, None, :, None]
 
 
-def attention_bias(
-    padding_mask: torch.Tensor | None, query_len: int, key_len: int, window: int | None, dtype, device
-) -> torch.Tensor:
-    """Additive mask [B or 1, 1, T, K]: 0 where a query may attend, finfo.min elsewhere.
+def uses_manual_attention(config: QWenConfig, output_attentions: bool = False) -> bool:
+    """The manual (eager) path: with the int8 cache (as in the original), for attention weights, or
+    when asked for with attn_implementation="eager"."""
+    return bool(output_attentions or config.use_cache_quantization or config._attn_implementation == "eager")
 
-    Causal within the chunk even after a cache (the original was not: a bug we fix), padded keys
-    masked, and keys further back than `window` masked. A fully masked row (a pad query) gets
-    equal scores everywhere, as in the original."""
+
+def attention_bias(
+    padding_mask: torch.Tensor | None,
+    query_len: int,
+    key_len: int,
+    window: int | None,
+    dtype,
+    device,
+    manual: bool = False,
+) -> torch.Tensor:
+    """Additive mask [B or 1, 1, T, K]: 0 where a query may attend, finfo.min (or -inf) elsewhere.
+
+    Causal within the chunk even after a cache (the original was not: a bug we fix), keys further
+    back than `window` masked, padded keys masked. Rows of pad queries follow the original, which
+    matters because the int8 cache's per-chunk scale sees pad positions too: its SDPA path
+    replaces masked slots by min (a pad query attends to every key equally), while its manual path
+    adds the padding mask on top (min + min = -inf: a pad query attends to its earlier keys only)."""
     query_pos = torch.arange(key_len - query_len, key_len, device=device)[:, None]
     key_pos = torch.arange(key_len, device=device)[None, :]
     allowed = key_pos <= query_pos
     if window:
         allowed = allowed & (key_pos > query_pos - window)
     allowed = allowed[None, None]
-    if padding_mask is not None:
-        allowed = allowed & padding_mask[:, None, None, :].bool()
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
-    return bias.masked_fill(~allowed, torch.finfo(dtype).min)
+    min_value = torch.finfo(dtype).min
+    if padding_mask is None:
+        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, min_value)
+    keep = padding_mask[:, None, None, :].bool()
+    if manual:
+        causal = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, min_value)
+        return causal + torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill(~keep, min_value)
+    return torch.zeros((keep & allowed).shape, dtype=dtype, device=device).masked_fill(~(keep & allowed), min_value)
 
 
 # ----------------------------------------------------------------------------- KV cache
@@ -278,9 +296,7 @@ class QWenAttention(nn.Module):
         if logn is not None:
             q = q * logn.type_as(q)  # after RoPE; the cache holds unscaled keys only
 
-        # The int8 cache uses the manual path, as in the original; so does attn_implementation="eager".
-        eager = self.config.use_cache_quantization or self.config._attn_implementation == "eager"
-        if output_attentions or eager:
+        if uses_manual_attention(self.config, output_attentions):
             out, weights = self._eager(q, k, v, bias, causal)
         else:
             out, weights = self._fast(q, k, v, bias, causal), None
@@ -455,7 +471,8 @@ class QWenModel(QWenPreTrainedModel):
                 biases[window] = None
             else:
                 biases[window] = attention_bias(
-                    padding_mask, query_len, key_len, window, hidden_states.dtype, hidden_states.device
+                    padding_mask, query_len, key_len, window, hidden_states.dtype, hidden_states.device,
+                    manual=uses_manual_attention(self.config, output_attentions),
                 )
         causal = query_len > 1 and query_len == key_len
 
