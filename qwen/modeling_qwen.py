@@ -102,11 +102,13 @@ def rotary_cos_sin(positions: torch.Tensor, dim: int, base: float, alpha: float)
 def apply_rotary(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first cos.shape[-1] dims of t [B, N, T, d] in fp32, cast back."""
     rot_dim = cos.shape[-1]
-    rotated, passed = t[..., :rot_dim].float(), t[..., rot_dim:].float()
+    rotated = t[..., :rot_dim].float()
     half = rot_dim // 2
     rotate_half = torch.cat((-rotated[..., half:], rotated[..., :half]), dim=-1)
     rotated = rotated * cos + rotate_half * sin
-    return torch.cat((rotated, passed), dim=-1).type_as(t)
+    if rot_dim == t.shape[-1]:
+        return rotated.type_as(t)
+    return torch.cat((rotated, t[..., rot_dim:].float()), dim=-1).type_as(t)
 
 
 def logn_factors(start: int, end: int, seq_length: int, device) -> torch.Tensor:
@@ -444,6 +446,13 @@ class QWenModel(QWenPreTrainedModel):
             cache = QWenCache(self.config)
         if not use_cache:
             cache = None
+        if input_ids is not None and input_ids.numel():
+            low, high = torch.aminmax(input_ids)
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(
+                    f"input_ids hold token id {int(high) if high >= self.config.vocab_size else int(low)}, "
+                    f"outside the model's vocabulary (0..{self.config.vocab_size - 1})"
+                )
         hidden_states = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
         batch, query_len = hidden_states.shape[:2]
         key_len = query_len + (cache.get_seq_length() if cache is not None else 0)

@@ -219,3 +219,11 @@ def test_bf16_model_keeps_model_dtype_logits_and_loss():
     # bf16 stays close to the same weights in fp32.
     reference = logits(model.float(), IDS)
     assert (out.logits.float() - reference).abs().max() < 0.1 * reference.abs().max()
+
+
+def test_out_of_vocabulary_ids_are_a_clear_error():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="token id 256, outside the model's vocabulary"):
+        model(torch.tensor([[1, 256]]))
+    with pytest.raises(ValueError, match="token id -1"):
+        model(torch.tensor([[-1, 2]]))
