@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from transformers import GenerationConfig, LogitsProcessor
+from transformers import LogitsProcessor
 
 import qwen
 from qwen.qwen_generation_utils import decode_tokens, get_stop_words_ids, make_context

@@ -1,0 +1,16 @@
+"""Command-line utilities (`python -m qwen.tools.<name> --help`)."""
+
+import sys
+from collections.abc import Callable
+
+
+def run_cli_action(action: Callable[[], str]) -> int:
+    """Run a tool's work: print its success message (exit 0), or a one-line `error:` for bad
+    input (exit 2) instead of a traceback."""
+    try:
+        message = action()
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(message)
+    return 0

@@ -26,6 +26,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from ..configuration_qwen import QWenConfig
+from . import run_cli_action
 
 logger = logging.getLogger(__name__)
 
@@ -300,13 +301,12 @@ def main(argv=None):
         "--dtype", choices=["auto", *DTYPES], default="auto", help="weight dtype to write (auto: as stored in SRC)"
     )
     args = parser.parse_args(argv)
-    try:
+
+    def action():
         export_qwen2(args.src, args.out, args.dtype)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote a Qwen2ForCausalLM checkpoint to {args.out}")
-    return 0
+        return f"wrote a Qwen2ForCausalLM checkpoint to {args.out}"
+
+    return run_cli_action(action)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from ..configuration_qwen import QWenConfig
 from ..modeling_qwen import QWenLMHeadModel
 from ..tokenization_qwen import QWenTokenizer
 from ..vocab import find_qwen_tiktoken
+from . import run_cli_action
 
 EOD_ID = 151643
 
@@ -63,14 +64,13 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     args = parser.parse_args(argv)
-    try:
+
+    def action():
         build(args.out, args.chat, args.vocab, args.hidden_size, args.layers, args.heads, args.seq_length,
               args.seed, args.dtype)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote a tiny {'chat' if args.chat else 'base'} checkpoint to {args.out}")
-    return 0
+        return f"wrote a tiny {'chat' if args.chat else 'base'} checkpoint to {args.out}"
+
+    return run_cli_action(action)
 
 
 if __name__ == "__main__":
