@@ -227,3 +227,13 @@ def test_out_of_vocabulary_ids_are_a_clear_error():
         model(torch.tensor([[1, 256]]))
     with pytest.raises(ValueError, match="token id -1"):
         model(torch.tensor([[-1, 2]]))
+
+
+def test_7b_shape_has_the_published_parameter_count():
+    """Qwen-7B: model.safetensors.index.json's total_size 15442649088 bytes = 7,721,324,544 bf16 params."""
+    config = QWenConfig(seq_length=8192, max_position_embeddings=32768, bf16=True)  # every other field: 7B default
+    with torch.device("meta"):
+        model = QWenLMHeadModel(config)
+    assert model.num_parameters() == 7_721_324_544
+    names = {name for name, _ in model.named_parameters()}
+    assert "transformer.h.31.attn.c_attn.bias" in names and "transformer.h.0.mlp.c_proj.bias" not in names
