@@ -213,6 +213,26 @@ def test_import_qwen_registers_auto_classes(chat_dir):
     assert type(AutoTokenizer.from_pretrained(chat_dir)) is qwen.QWenTokenizer
 
 
+def test_original_directory_loads_through_auto_classes(tmp_path, vocab_path):
+    """An original checkpoint: auto_map in config.json, the original tokenizer_config.json, and no
+    code of ours next to it. `import qwen` is all the Auto classes need (no trust_remote_code)."""
+    directory = golden_copy(tmp_path)
+    shutil.copy(vocab_path, directory / "qwen.tiktoken")
+    tokenizer_config = {
+        "model_max_length": 8192,
+        "tokenizer_class": "QWenTokenizer",
+        "auto_map": {"AutoTokenizer": ["tokenization_qwen.QWenTokenizer", None]},
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    assert not list(directory.glob("*.py"))
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    assert type(tokenizer) is qwen.QWenTokenizer and tokenizer.model_max_length == 8192
+    assert tokenizer("print(\"<|endoftext|>\")")["input_ids"] == [1350, 445, 151643, 899]
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    assert type(model) is qwen.QWenLMHeadModel
+    assert torch.equal(logits(model), logits(load(GOLDEN / "tiny_default")))
+
+
 # ----------------------------------------------------------------------------- 5. precision
 
 
