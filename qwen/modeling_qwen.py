@@ -10,6 +10,7 @@ import math
 import threading
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -532,8 +533,6 @@ class _TokenQueue(BaseStreamer):
 
 def _unreadable_safetensors(directory) -> str:
     """The first *.safetensors file in `directory` that safetensors cannot open (for error messages)."""
-    from pathlib import Path
-
     from safetensors import safe_open
 
     for path in sorted(Path(directory).glob("*.safetensors")) if Path(directory).is_dir() else []:
@@ -600,17 +599,13 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Write the original format plus our remote-code files, so the directory loads anywhere."""
-        from pathlib import Path
-
         self.config.auto_map = {
             "AutoConfig": "configuration_qwen.QWenConfig",
             "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel",
         }
         self.config.architectures = ["QWenLMHeadModel"]
         super().save_pretrained(save_directory, *args, **kwargs)
-        here = Path(__file__).resolve().parent
-        for name in REMOTE_CODE_FILES:
-            (Path(save_directory) / name).write_bytes((here / name).read_bytes())
+        write_remote_code(save_directory)
 
     def get_output_embeddings(self):
         return self.lm_head
@@ -812,3 +807,10 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
 
 # Files written next to saved weights so `trust_remote_code=True` loaders find our implementation.
 REMOTE_CODE_FILES = ("configuration_qwen.py", "modeling_qwen.py", "qwen_generation_utils.py", "tokenization_qwen.py")
+
+
+def write_remote_code(directory) -> None:
+    """Copy our implementation files into a checkpoint directory (they import only each other)."""
+    here = Path(__file__).resolve().parent
+    for name in REMOTE_CODE_FILES:
+        (Path(directory) / name).write_bytes((here / name).read_bytes())

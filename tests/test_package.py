@@ -32,7 +32,7 @@ def test_import_qwen_registers_auto_classes():
 
 
 def test_tools_answer_help():
-    for module in ("qwen.tools.tiny_checkpoint", "qwen.tools.demo"):
+    for module in ("qwen.tools.tiny_checkpoint", "qwen.tools.demo", "qwen.tools.export_qwen2", "qwen.tools.upgrade_remote_code"):
         result = subprocess.run(
             [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120
         )
