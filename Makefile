@@ -8,7 +8,7 @@ PIP    := $(VENV)/bin/pip
 TORCH_PIN ?= torch==2.13.0
 DEMO_DIR ?= demo_checkpoint
 
-.PHONY: venv demo test clean
+.PHONY: venv demo chat test clean
 
 $(VENV)/.installed: pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,14 @@ venv: $(VENV)/.installed
 demo: venv
 	$(PY) -m qwen.tools.tiny_checkpoint $(DEMO_DIR) --chat
 	$(PY) -m qwen.tools.demo $(DEMO_DIR)
+	@echo "--- the same conversation through cli_demo.py (scripted input) ---"
+	printf ':conf do_sample=False\n你好\nTell me a story about a young entrepreneur.\n:his\n:q\n' \
+		| $(PY) cli_demo.py -c $(DEMO_DIR) --cpu-only --max-new-tokens 24
+
+# Interactive terminal chat with the tiny checkpoint.
+chat: venv
+	$(PY) -m qwen.tools.tiny_checkpoint $(DEMO_DIR) --chat
+	$(PY) cli_demo.py -c $(DEMO_DIR) --cpu-only --max-new-tokens 32
 
 test: venv
 	$(PY) -m pytest -q

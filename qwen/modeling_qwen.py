@@ -18,7 +18,7 @@ from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
-from transformers.generation import GenerationMixin, LogitsProcessorList
+from transformers.generation import GenerationMixin, LogitsProcessor, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -508,6 +508,18 @@ class QWenModel(QWenPreTrainedModel):
         )
 
 
+class _MaskUndecodableIds(LogitsProcessor):
+    """The embedding is padded past the tokenizer (151936 vs 151851 ids); a trained model never
+    picks those ids, but a random one can, and chat() could not decode them: mask them out."""
+
+    def __init__(self, vocab_len: int):
+        self.vocab_len = vocab_len
+
+    def __call__(self, input_ids, scores):
+        scores[:, self.vocab_len :] = -float("inf")
+        return scores
+
+
 class _TokenQueue(BaseStreamer):
     """Collects generated token ids from `generate` running in another thread."""
 
@@ -708,6 +720,13 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         input_ids = torch.tensor([context_tokens], device=self.device)
         return raw_text, context_tokens, input_ids, stop_words_ids, generation_config
 
+    def _chat_processors(self, tokenizer, logits_processor):
+        """The caller's processors (copied), plus a mask of the ids chat() could not decode."""
+        processors = LogitsProcessorList(logits_processor or [])
+        if self.config.vocab_size > len(tokenizer):
+            processors.append(_MaskUndecodableIds(len(tokenizer)))
+        return processors
+
     def chat(
         self,
         tokenizer,
@@ -726,8 +745,13 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         raw_text, context_tokens, input_ids, stop_words_ids, generation_config = self._chat_inputs(
             tokenizer, query, history, system, stop_words_ids, generation_config, kwargs
         )
+        logits_processor = self._chat_processors(tokenizer, kwargs.pop("logits_processor", None))
         outputs = self.generate(
-            input_ids, stop_words_ids=stop_words_ids, generation_config=generation_config, **kwargs
+            input_ids,
+            stop_words_ids=stop_words_ids,
+            generation_config=generation_config,
+            logits_processor=logits_processor,
+            **kwargs,
         )
         response = decode_tokens(
             outputs[0],
@@ -756,6 +780,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         raw_text, context_tokens, input_ids, stop_words_ids, generation_config = self._chat_inputs(
             tokenizer, query, history, system, stop_words_ids, generation_config, kwargs
         )
+        logits_processor = self._chat_processors(tokenizer, logits_processor)
         queue = _TokenQueue()
         result, failure = {}, []
 

@@ -523,3 +523,22 @@ def test_gradients_and_gradient_checkpointing(fresh_chat_model, qwen_tokenizer):
     assert grads.keys() == reference.keys()
     for name, grad in grads.items():
         torch.testing.assert_close(grad, reference[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_chat_never_generates_ids_the_tokenizer_cannot_decode(chat_model, qwen_tokenizer):
+    """The embedding is padded to 151936 ids; a random model can favour the padding ids, which the
+    tokenizer cannot decode. chat/chat_stream mask them instead of failing after generation."""
+    padding_id = len(qwen_tokenizer) + 10
+    _, ctx = _context(qwen_tokenizer, "hi")
+    favour = [ForceTokens(len(ctx), {step: padding_id for step in range(8)})]
+    recorder = Recorder()
+    response, _ = chat_model.chat(qwen_tokenizer, "hi", logits_processor=favour + [recorder], **GREEDY)
+    assert isinstance(response, str)
+    generated = recorder.calls[-1][0, len(ctx) :].tolist()  # all but the last new token
+    assert len(generated) == GREEDY["max_new_tokens"] - 1
+    assert all(token < len(qwen_tokenizer) for token in generated)
+    parts = list(chat_model.chat_stream(qwen_tokenizer, "hi", logits_processor=favour, **GREEDY))
+    assert parts[-1] == response
+    # generate() itself stays faithful: nothing is masked there.
+    out = chat_model.generate(torch.tensor([ctx]), logits_processor=favour, **GREEDY)
+    assert out[0, len(ctx)] == padding_id
