@@ -508,6 +508,16 @@ class QWenModel(QWenPreTrainedModel):
         )
 
 
+def partial_reply(tokenizer, tokens: list[int]) -> str:
+    """The text chat_stream shows for the tokens generated so far: up to the first chatml end
+    marker, and without the newest token until a marker follows it. When generation ends at
+    max_new_tokens, decode_tokens (so chat(), and chat_stream's final value) drops that token;
+    holding it back keeps every value chat_stream yields a prefix of the next."""
+    stop_ids = (tokenizer.im_start_id, tokenizer.im_end_id)
+    cut = next((i for i, t in enumerate(tokens) if t in stop_ids), max(len(tokens) - 1, 0))
+    return tokenizer.decode(tokens[:cut], skip_special_tokens=True, errors="ignore").strip()
+
+
 class _MaskUndecodableIds(LogitsProcessor):
     """The embedding is padded past the tokenizer (151936 vs 151851 ids); a trained model never
     picks those ids, but a random one can, and chat() could not decode them: mask them out."""
@@ -800,7 +810,6 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
 
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
-        stop_ids = {tokenizer.im_start_id, tokenizer.im_end_id}
         seen, last = 0, None
         while True:
             with queue.event:
@@ -808,8 +817,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
                     queue.event.wait()
                 tokens, done = list(queue.tokens), queue.done
             seen = len(tokens)
-            cut = next((i for i, t in enumerate(tokens) if t in stop_ids), len(tokens))
-            text = tokenizer.decode(tokens[:cut], skip_special_tokens=True, errors="ignore").strip()
+            text = partial_reply(tokenizer, tokens)
             if text and text != last and not done:
                 last = text
                 yield text

@@ -13,6 +13,7 @@ import torch
 from transformers import LogitsProcessor
 
 import qwen
+from qwen.modeling_qwen import partial_reply
 from qwen.qwen_generation_utils import decode_tokens, get_stop_words_ids, make_context
 from qwen.tools.tiny_checkpoint import build
 
@@ -197,8 +198,10 @@ def test_chat_stream_greedy_ends_with_chat_response(chat_model, qwen_tokenizer, 
 def test_chat_stream_yields_growing_text(chat_model, qwen_tokenizer):
     parts = list(chat_model.chat_stream(qwen_tokenizer, "Count to ten.", do_sample=False, max_new_tokens=12))
     assert parts and all(parts)
-    # cumulative: no intermediate value repeats the previous one
+    # cumulative: no value repeats the previous one, and each extends it (also the final one,
+    # which equals chat()'s response even though generation stops at max_new_tokens)
     assert all(a != b for a, b in zip(parts, parts[1:]))
+    assert all(b.startswith(a) for a, b in zip(parts, parts[1:]))
 
 
 def test_chat_stream_does_not_mutate_logits_processor_list(chat_model, qwen_tokenizer):
@@ -542,3 +545,19 @@ def test_chat_never_generates_ids_the_tokenizer_cannot_decode(chat_model, qwen_t
     # generate() itself stays faithful: nothing is masked there.
     out = chat_model.generate(torch.tensor([ctx]), logits_processor=favour, **GREEDY)
     assert out[0, len(ctx)] == padding_id
+
+
+
+def test_partial_reply_holds_back_the_newest_token(qwen_tokenizer):
+    """chat_stream's partial text: up to an end marker, else all but the newest token (which
+    chat() drops when generation stops at max_new_tokens), so its values only ever grow."""
+    tok = qwen_tokenizer
+    hello, world, im_end = tok.encode("Hello"), tok.encode(" world"), tok.im_end_id
+    assert partial_reply(tok, hello + world) == "Hello"
+    assert partial_reply(tok, hello + world + [im_end]) == "Hello world"
+    assert partial_reply(tok, hello + [im_end] + world) == "Hello"
+    assert partial_reply(tok, []) == ""
+    tokens = hello + world
+    ctx = tok.encode("prompt")
+    final = decode_tokens(ctx + tokens, tok, raw_text_len=len("prompt"), context_length=len(ctx), chat_format="chatml")
+    assert final.startswith(partial_reply(tok, tokens))
