@@ -184,7 +184,7 @@ class Worker:
     def __init__(self, name, python, script, checkpoint, dtype, threads, log_path, env):
         self.name = name
         self.log_path = log_path
-        self.log = open(log_path, "w")
+        self.log = open(log_path, "w")  # noqa: SIM115 - held open for the worker's lifetime, closed in close()
         self.proc = subprocess.Popen(
             [python, script, name, str(checkpoint), dtype, str(threads), str(REPO_ROOT)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1, env=env,
@@ -391,6 +391,11 @@ def main(argv=None):
                   f"{args.new_tokens} new tokens (greedy, eos None), {args.repeats} repeats, ours/original "
                   "alternating")
 
+            # One untimed round each once both are loaded: the first round after the other worker's load
+            # was consistently slow (up to 1.6x) in trial runs.
+            for name in IMPLEMENTATIONS:
+                workers[name].send("go")
+                workers[name].receive()
             results = {name: [] for name in IMPLEMENTATIONS}
             for repeat in range(args.repeats):
                 order = IMPLEMENTATIONS if repeat % 2 == 0 else IMPLEMENTATIONS[::-1]
@@ -411,16 +416,18 @@ def main(argv=None):
            for name in IMPLEMENTATIONS}
     print()
     print(f"{'impl':<9} {'prefill ms':>11} {'generate tok/s':>15} {'decode tok/s':>13} {'peak RSS MB':>12} "
-          f"{'RSS after load':>15}")
+          f"{'peak at load':>13}")
     for name in IMPLEMENTATIONS:
         m = med[name]
         print(f"{name:<9} {m['prefill_s'] * 1e3:>11.1f} {m['generate_tok_s']:>15.2f} {m['decode_tok_s']:>13.2f} "
-              f"{max(series(name, 'peak_rss_mb')):>12.0f} {info[name]['rss_loaded_mb']:>15.0f}")
+              f"{max(series(name, 'peak_rss_mb')):>12.0f} {info[name]['rss_loaded_mb']:>13.0f}")
+    print("(peak RSS: the worker's VmHWM over the whole run / after from_pretrained; the driver not counted)")
     print("(medians; tokens/s count every row: batch x new tokens. generate = whole generate() call, prefill "
           "included; decode = from the first new token to the last)")
     for name in IMPLEMENTATIONS:
         print(f"{name:<9} runs: prefill ms {fmt(series(name, 'prefill_s'), 1e3)}, generate tok/s "
-              f"{fmt(series(name, 'generate_tok_s'), digits=2)}, decode tok/s {fmt(series(name, 'decode_tok_s'), digits=2)}")
+              f"{fmt(series(name, 'generate_tok_s'), digits=2)}, "
+              f"decode tok/s {fmt(series(name, 'decode_tok_s'), digits=2)}")
     last_only = series("ours", "prefill_last_only_s")
     print(f"ours      prefill with logits for the last position only (what transformers 5 generate() runs): "
           f"median {statistics.median(last_only) * 1e3:.1f} ms, runs {fmt(last_only, 1e3)}")
