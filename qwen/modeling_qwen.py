@@ -18,7 +18,13 @@ from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
-from transformers.generation import GenerationMixin, LogitsProcessor, LogitsProcessorList
+from transformers.generation import (
+    GenerationMixin,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -518,6 +524,16 @@ def partial_reply(tokenizer, tokens: list[int]) -> str:
     return tokenizer.decode(tokens[:cut], skip_special_tokens=True, errors="ignore").strip()
 
 
+class _StopWhenSet(StoppingCriteria):
+    """Ends generation for every sequence once `event` is set."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 class _MaskUndecodableIds(LogitsProcessor):
     """The embedding is padded past the tokenizer (151936 vs 151851 ids); a trained model never
     picks those ids, but a random one can, and chat() could not decode them: mask them out."""
@@ -793,6 +809,10 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         logits_processor = self._chat_processors(tokenizer, logits_processor)
         queue = _TokenQueue()
         result, failure = {}, []
+        # A consumer that stops iterating (break, close, Ctrl-C) also stops generation.
+        cancelled = threading.Event()
+        stopping = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
+        stopping.append(_StopWhenSet(cancelled))
 
         def run():
             try:
@@ -801,6 +821,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
                     stop_words_ids=stop_words_ids,
                     generation_config=generation_config,
                     logits_processor=logits_processor,
+                    stopping_criteria=stopping,
                     streamer=queue,
                     **kwargs,
                 )
@@ -811,19 +832,22 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
         seen, last = 0, None
-        while True:
-            with queue.event:
-                while len(queue.tokens) == seen and not queue.done:
-                    queue.event.wait()
-                tokens, done = list(queue.tokens), queue.done
-            seen = len(tokens)
-            text = partial_reply(tokenizer, tokens)
-            if text and text != last and not done:
-                last = text
-                yield text
-            if done:
-                break
-        worker.join()
+        try:
+            while True:
+                with queue.event:
+                    while len(queue.tokens) == seen and not queue.done:
+                        queue.event.wait()
+                    tokens, done = list(queue.tokens), queue.done
+                seen = len(tokens)
+                text = partial_reply(tokenizer, tokens)
+                if text and text != last and not done:
+                    last = text
+                    yield text
+                if done:
+                    break
+        finally:
+            cancelled.set()
+            worker.join()
         if failure:
             raise failure[0]
         final = decode_tokens(

@@ -561,3 +561,16 @@ def test_partial_reply_holds_back_the_newest_token(qwen_tokenizer):
     ctx = tok.encode("prompt")
     final = decode_tokens(ctx + tokens, tok, raw_text_len=len("prompt"), context_length=len(ctx), chat_format="chatml")
     assert final.startswith(partial_reply(tok, tokens))
+
+
+def test_closing_chat_stream_stops_generation(chat_model, qwen_tokenizer):
+    """A consumer that stops iterating (break, close, Ctrl-C) does not leave generation running."""
+    recorder = Recorder()
+    stream = chat_model.chat_stream(
+        qwen_tokenizer, "Write a long essay.", logits_processor=[recorder], do_sample=False, max_new_tokens=300
+    )
+    first = next(stream)
+    assert isinstance(first, str)
+    stream.close()  # returns once the worker thread has finished
+    steps = len(recorder.calls)
+    assert steps < 50, f"generation went on for {steps} steps after the consumer left"
