@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import copy
 import difflib
 import os
 import re
 import shutil
 import sys
-import threading
 import unicodedata
 
 DEFAULT_CKPT_PATH = "Qwen/Qwen-7B-Chat"
@@ -251,18 +251,6 @@ def split_pairs(text: str) -> list[str]:
 # ----------------------------------------------------------------------------- the session
 
 
-class _StopFlag:
-    """A stopping criterion that ends generation once set (how Ctrl-C stops the generating thread)."""
-
-    def __init__(self):
-        self.event = threading.Event()
-
-    def __call__(self, input_ids, scores, **kwargs):
-        import torch
-
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
 class ChatSession:
     def __init__(self, model, tokenizer, config, seed: int, out=None, interactive: bool | None = None):
         self.model = model
@@ -355,45 +343,28 @@ class ChatSession:
 
     def chat(self, query: str) -> str | None:
         """One streamed turn; returns the reply (also added to the history), or None if it was
-        interrupted with Ctrl-C or failed."""
-        from transformers import StoppingCriteriaList, set_seed
+        interrupted with Ctrl-C or failed. Closing the stream stops its generation."""
+        from transformers import set_seed
 
         set_seed(self.seed)
         printer = ReplyPrinter(self.out, self.interactive)
-        stop = _StopFlag()
-        threads_before = set(threading.enumerate())
+        stream = self.model.chat_stream(self.tokenizer, query, history=self.history, generation_config=self.config)
         try:
-            for partial in self.model.chat_stream(
-                self.tokenizer,
-                query,
-                history=self.history,
-                generation_config=self.config,
-                stopping_criteria=StoppingCriteriaList([stop]),
-            ):
-                printer.update(partial)
+            with contextlib.closing(stream):
+                for partial in stream:
+                    printer.update(partial)
         except KeyboardInterrupt:
-            stop.event.set()
             printer.finish()
             self.say("[WARNING] Generation interrupted")
-            self._wait_for(threads_before)
             return None
         except Exception as exc:  # noqa: BLE001  (a failed turn must not end the session)
-            stop.event.set()
             if printer.shown is not None:
                 printer.finish()
             self.say(f"[ERROR] Generation failed: {type(exc).__name__}: {exc}")
-            self._wait_for(threads_before)
             return None
         printer.finish()
         self.history.append((query, printer.text))
         return printer.text
-
-    @staticmethod
-    def _wait_for(threads_before) -> None:
-        """Let the generating thread end (the stop flag ends it after its current step)."""
-        for thread in set(threading.enumerate()) - threads_before:
-            if thread is not threading.current_thread():
-                thread.join()
 
     # -- loop ------------------------------------------------------------------
 
