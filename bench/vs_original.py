@@ -20,7 +20,6 @@ greedy tokens agree.
 import argparse
 import json
 import os
-import platform
 import random
 import shutil
 import statistics
@@ -218,16 +217,6 @@ class Worker:
 # ----------------------------------------------------------------------------- machine and inputs
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def make_prompts(batch: int, prompt_len: int, vocab: int, seed: int):
     """Random prompts; with batch > 1 the rows have different lengths (the first is the longest) and are
     padded on the left, as generate() wants for a decoder-only model."""
@@ -339,6 +328,8 @@ def main(argv=None):
         parser.error(f"--checkpoint {args.checkpoint} has no config.json")
 
     import torch  # after argument checks, so --help stays quick
+
+    from decode import cpu_model  # bench/decode.py, next to this script
 
     print(f"cpu: {cpu_model()} | capability {torch.backends.cpu.get_cpu_capability()} | cores {os.cpu_count()}")
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
