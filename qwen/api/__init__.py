@@ -1,0 +1,1 @@
+"""OpenAI-compatible API pieces (the server itself comes with the serving engine)."""
