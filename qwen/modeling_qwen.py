@@ -154,13 +154,14 @@ def attention_bias(
         allowed = allowed & (key_pos > query_pos - window)
     allowed = allowed[None, None]
     min_value = torch.finfo(dtype).min
+
+    def additive(mask):
+        return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, min_value)
+
     if padding_mask is None:
-        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, min_value)
+        return additive(allowed)
     keep = padding_mask[:, None, None, :].bool()
-    if manual:
-        causal = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, min_value)
-        return causal + torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill(~keep, min_value)
-    return torch.zeros((keep & allowed).shape, dtype=dtype, device=device).masked_fill(~(keep & allowed), min_value)
+    return additive(allowed) + additive(keep) if manual else additive(allowed & keep)
 
 
 # ----------------------------------------------------------------------------- KV cache
@@ -637,10 +638,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Write the original format plus our remote-code files, so the directory loads anywhere."""
-        self.config.auto_map = {
-            "AutoConfig": "configuration_qwen.QWenConfig",
-            "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel",
-        }
+        self.config.auto_map = dict(CONFIG_AUTO_MAP)
         self.config.architectures = ["QWenLMHeadModel"]
         super().save_pretrained(save_directory, *args, **kwargs)
         write_remote_code(save_directory)
@@ -862,8 +860,13 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
             yield final
 
 
-# Files written next to saved weights so `trust_remote_code=True` loaders find our implementation.
+# Files written next to saved weights so `trust_remote_code=True` loaders find our implementation,
+# and the config.json entries that point at them.
 REMOTE_CODE_FILES = ("configuration_qwen.py", "modeling_qwen.py", "qwen_generation_utils.py", "tokenization_qwen.py")
+CONFIG_AUTO_MAP = {
+    "AutoConfig": "configuration_qwen.QWenConfig",
+    "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel",
+}
 
 
 def write_remote_code(directory) -> None:

@@ -13,15 +13,9 @@ import json
 import sys
 from pathlib import Path
 
-from ..modeling_qwen import REMOTE_CODE_FILES, write_remote_code
+from ..modeling_qwen import CONFIG_AUTO_MAP, REMOTE_CODE_FILES, write_remote_code
+from ..tokenization_qwen import AUTO_MAP as TOKENIZER_AUTO_MAP
 from . import run_cli_action
-
-CONFIG_AUTO_MAP = {
-    "AutoConfig": "configuration_qwen.QWenConfig",
-    "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel",
-}
-TOKENIZER_AUTO_MAP = {"AutoTokenizer": ["tokenization_qwen.QWenTokenizer", None]}
-
 
 def _add_auto_map(path: Path, entries: dict) -> None:
     if not path.is_file():
