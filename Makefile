@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml requirements.txt
 venv: $(VENV)/.installed
 
 demo: venv
-	$(PY) -m qwen.tools.tiny_checkpoint $(DEMO_DIR) --chat
+	$(PY) -m qwen.tools.tiny_checkpoint $(DEMO_DIR) --chat --force
 	$(PY) -m qwen.tools.demo $(DEMO_DIR)
 	@echo "--- the same conversation through cli_demo.py (scripted input) ---"
 	printf ':conf do_sample=False\n你好\nTell me a story about a young entrepreneur.\n:his\n:q\n' \
@@ -28,7 +28,7 @@ demo: venv
 
 # Interactive terminal chat with the tiny checkpoint.
 chat: venv
-	$(PY) -m qwen.tools.tiny_checkpoint $(DEMO_DIR) --chat
+	$(PY) -m qwen.tools.tiny_checkpoint $(DEMO_DIR) --chat --force
 	$(PY) cli_demo.py -c $(DEMO_DIR) --cpu-only --max-new-tokens 32
 
 test: venv

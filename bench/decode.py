@@ -63,7 +63,13 @@ def memory_read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
 
 
 def build_models(shape: dict, vocab: int, seq_length: int, dtype: torch.dtype, seed: int):
-    """A random Qwen v1 model in `dtype` (initialised directly in it, no fp32 copy) and its Qwen2 export."""
+    """A random Qwen v1 model in `dtype` and its Qwen2 export."""
+    ours = random_qwen(shape, vocab, seq_length, dtype, seed)
+    return ours, to_qwen2(ours)
+
+
+def random_qwen(shape: dict, vocab: int, seq_length: int, dtype: torch.dtype, seed: int) -> QWenLMHeadModel:
+    """A random Qwen v1 model in `dtype` (initialised directly in it, no fp32 copy), never stopping early."""
     config = QWenConfig(
         vocab_size=vocab,
         hidden_size=shape["hidden"],
@@ -87,7 +93,7 @@ def build_models(shape: dict, vocab: int, seq_length: int, dtype: torch.dtype, s
         torch.set_default_dtype(previous)
     ours.generation_config.eos_token_id = None  # a random model must not stop early
     ours.generation_config.pad_token_id = 0
-    return ours, to_qwen2(ours)
+    return ours
 
 
 def weight_bytes(model) -> tuple[int, int]:

@@ -31,14 +31,16 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .configuration_qwen import QWenConfig
 from .qwen_generation_utils import (
+    DEFAULT_SYSTEM,
     StopWordsLogitsProcessor,
+    check_context_fits,
+    check_generation_config,
     check_history,
+    check_local_checkpoint,
     decode_tokens,
     get_stop_words_ids,
     make_context,
 )
-
-DEFAULT_SYSTEM = "You are a helpful assistant."
 
 
 # ----------------------------------------------------------------------------- precision
@@ -570,6 +572,43 @@ class _TokenQueue(BaseStreamer):
             self.event.notify()
 
 
+def _apply_generation_options(config: GenerationConfig, options: dict) -> dict:
+    """Set the options that are generation-config fields (as GenerationConfig.update does) and
+    check the result with our clear errors first; returns the other options."""
+    rest = {}
+    for key, value in options.items():
+        if hasattr(config, key):
+            setattr(config, key, value)
+        else:
+            rest[key] = value
+    check_generation_config(config)
+    return rest
+
+
+def _parse_dtype(dtype):
+    """None for "pick by the precision flags", else a floating torch.dtype; a clear error otherwise."""
+    if dtype is None or dtype == "auto":
+        return None
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be 'auto' or a floating torch dtype such as torch.bfloat16 or 'float32', got {dtype!r}")
+    return dtype
+
+
+def align_cpu_tensors(model: nn.Module, alignment: int = 64) -> None:
+    """Move every CPU parameter and buffer that is not `alignment`-byte aligned into fresh memory.
+
+    transformers 5 leaves safetensors weights as zero-copy views into the memory-mapped file, at
+    8-byte-aligned offsets. torch's single-row matmul (every decode step) sums in another order on
+    such memory, so results drift from the original (whose transformers 4 copied the weights) by an
+    ulp, which the int8 KV cache's truncation turns into whole quantisation steps. One tensor at a
+    time, so the peak is one tensor above the model; ties survive since each object is moved once."""
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.device.type == "cpu" and tensor.numel() and tensor.data_ptr() % alignment:
+            tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)
+
+
 def _unreadable_safetensors(directory) -> str:
     """The first *.safetensors file in `directory` that safetensors cannot open (for error messages)."""
     from safetensors import safe_open
@@ -605,6 +644,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         `dtype`/`torch_dtype` wins (and sets the flags); otherwise the flags (or their auto rule) pick it.
         Config fields such as `bf16=True` or `use_flash_attn=False` may be passed as keyword arguments."""
         config = kwargs.pop("config", None)
+        check_local_checkpoint(pretrained_model_name_or_path, "config.json")
         if config is None or isinstance(config, (str, bytes)) or hasattr(config, "__fspath__"):
             hub_keys = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
             hub_kwargs = {k: kwargs[k] for k in hub_keys if k in kwargs}
@@ -617,15 +657,19 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         dtype = kwargs.pop("dtype", None)
         torch_dtype = kwargs.pop("torch_dtype", None)
         dtype = dtype if dtype is not None else torch_dtype
-        if isinstance(dtype, str) and dtype != "auto":
-            dtype = getattr(torch, dtype)
-        if dtype is None or dtype == "auto":
+        dtype = _parse_dtype(dtype)
+        if dtype is None:
             dtype = resolve_precision(config)
         else:
             set_precision_flags(config, dtype)
+        want_info = kwargs.pop("output_loading_info", False)
+        allow_mismatch = kwargs.pop("ignore_mismatched_sizes", False)
         try:
-            return super().from_pretrained(
-                pretrained_model_name_or_path, *model_args, config=config, dtype=dtype, **kwargs
+            # Mismatches are collected and reported below, naming the tensors (transformers' own
+            # error only points at a log table).
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, config=config, dtype=dtype,
+                output_loading_info=True, ignore_mismatched_sizes=True, **kwargs,
             )
         except Exception as exc:
             if type(exc).__name__ != "SafetensorError":
@@ -635,13 +679,56 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
                 f"cannot read {_unreadable_safetensors(pretrained_model_name_or_path)}: {exc} "
                 "(the file is truncated or corrupt)"
             ) from exc
+        # transformers would leave these randomly initialised and only log it: a broken checkpoint
+        # (or a config with more layers than the weights) must not chat.
+        problems = [f"missing {key}" for key in sorted(info["missing_keys"])]
+        if not allow_mismatch:
+            problems += [
+                f"{key} has shape {tuple(found)} in the checkpoint, the config needs {tuple(wanted)}"
+                for key, found, wanted in sorted(info["mismatched_keys"])
+            ]
+        if problems:
+            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            raise ValueError(f"checkpoint {pretrained_model_name_or_path} does not fit its config: {shown}")
+        align_cpu_tensors(model)
+        return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Write the original format plus our remote-code files, so the directory loads anywhere."""
+        """Write the original format plus our remote-code files, so the directory loads anywhere.
+
+        As with transformers, the directory may hold other files: same-named ones are replaced and the
+        weight files this save did not write (stale shards, index or single file) are removed. The
+        files are written to a staging folder and renamed into place, so a failed save changes
+        nothing and a symlink (e.g. into a Hugging Face cache) becomes a regular file, its target
+        untouched. Remote code that is not ours is kept as `<name>.orig` (see write_remote_code)."""
+        import os
+        import re
+        import shutil
+        import tempfile
+
         self.config.auto_map = dict(CONFIG_AUTO_MAP)
         self.config.architectures = ["QWenLMHeadModel"]
-        super().save_pretrained(save_directory, *args, **kwargs)
-        write_remote_code(save_directory)
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if kwargs.get("push_to_hub"):
+            kwargs.setdefault("repo_id", directory.resolve().name)  # transformers would take the staging name
+        staging = Path(tempfile.mkdtemp(prefix=".qwen-save-", dir=directory))
+        try:
+            super().save_pretrained(staging, *args, **kwargs)
+            written = {path.name for path in staging.iterdir()}
+            for name in written:
+                os.replace(staging / name, directory / name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        variant = re.escape(f".{kwargs['variant']}") if kwargs.get("variant") else ""
+        weights = re.compile(
+            rf"model{variant}(-\d{{5}}-of-\d{{5}})?\.safetensors|model\.safetensors\.index{variant}\.json"
+        )
+        if any(weights.fullmatch(name) for name in written):
+            for path in directory.iterdir():
+                if weights.fullmatch(path.name) and path.name not in written:
+                    path.unlink()
+        write_remote_code(directory)
 
     def get_output_embeddings(self):
         return self.lm_head
@@ -711,10 +798,15 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
     def generate(self, inputs=None, generation_config=None, logits_processor=None, **kwargs):
         """transformers' generate plus the original's `stop_words_ids` (kwarg or generation config)."""
         # Fold generation options given as keyword arguments into a private copy of the config.
+        if generation_config is not None:
+            check_generation_config(generation_config)
         generation_config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
         kwargs.pop("max_window_size", None)  # a chat() option the original forwards here
         stop_words_ids = kwargs.pop("stop_words_ids", None)
-        kwargs = generation_config.update(**kwargs)
+        kwargs = _apply_generation_options(generation_config, kwargs)
+        prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        if prompt is not None:
+            check_context_fits(prompt.shape[1], generation_config, self.config.max_position_embeddings)
         if stop_words_ids is None:
             stop_words_ids = getattr(generation_config, "stop_words_ids", None)
         processors = LogitsProcessorList(logits_processor or [])  # never mutate the caller's list
@@ -728,6 +820,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
 
     def _chat_inputs(self, tokenizer, query, history, system, stop_words_ids, generation_config, kwargs):
         generation_config = generation_config if generation_config is not None else self.generation_config
+        check_generation_config(generation_config)
         chat_format = getattr(generation_config, "chat_format", None)
         if chat_format != "chatml":
             raise ValueError(
@@ -737,12 +830,23 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         max_window_size = kwargs.get("max_window_size") or getattr(generation_config, "max_window_size", None)
         if max_window_size is None:
             raise ValueError("chat() needs max_window_size (in generation_config.json or as a keyword argument)")
-        raw_text, context_tokens = make_context(
+        _, context_tokens = make_context(
             tokenizer, query, history=history, system=system, max_window_size=max_window_size, chat_format=chat_format
         )
         stop_words_ids = list(stop_words_ids or []) + get_stop_words_ids(chat_format, tokenizer)
+        # Fail before any compute when the reply cannot fit (keyword options win over the config).
+        limits = copy.deepcopy(generation_config)
+        _apply_generation_options(limits, {k: v for k, v in kwargs.items() if hasattr(limits, k)})
+        check_context_fits(len(context_tokens), limits, self.config.max_position_embeddings)
         input_ids = torch.tensor([context_tokens], device=self.device)
-        return raw_text, context_tokens, input_ids, stop_words_ids, generation_config
+        return context_tokens, input_ids, stop_words_ids, generation_config
+
+    @staticmethod
+    def _decode_reply(tokenizer, output_ids, context_length, chat_format) -> str:
+        """The reply as chat() returns it, decoded from the generated tokens only: the original
+        cut the decoded prompt + reply at the prompt's character count, which loses the reply's
+        first characters when the prompt is not NFC-normalised (tokenising normalises it)."""
+        return decode_tokens(output_ids[context_length:], tokenizer, 0, 0, chat_format=chat_format, errors="replace")
 
     def _chat_processors(self, tokenizer, logits_processor):
         """The caller's processors (copied), plus a mask of the ids chat() could not decode."""
@@ -766,7 +870,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         if stream is not None:
             raise ValueError("chat() does not stream; use chat_stream()")
         history = copy.deepcopy(check_history(history))
-        raw_text, context_tokens, input_ids, stop_words_ids, generation_config = self._chat_inputs(
+        context_tokens, input_ids, stop_words_ids, generation_config = self._chat_inputs(
             tokenizer, query, history, system, stop_words_ids, generation_config, kwargs
         )
         logits_processor = self._chat_processors(tokenizer, kwargs.pop("logits_processor", None))
@@ -777,14 +881,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
             logits_processor=logits_processor,
             **kwargs,
         )
-        response = decode_tokens(
-            outputs[0],
-            tokenizer,
-            raw_text_len=len(raw_text),
-            context_length=len(context_tokens),
-            chat_format=generation_config.chat_format,
-            errors="replace",
-        )
+        response = self._decode_reply(tokenizer, outputs[0], len(context_tokens), generation_config.chat_format)
         history.append((query, response))
         return response, history
 
@@ -801,7 +898,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
     ) -> Iterator[str]:
         """Yield the cumulative response text as tokens arrive; the last value equals what chat()
         returns for the same (greedy) generation. History is neither copied nor updated."""
-        raw_text, context_tokens, input_ids, stop_words_ids, generation_config = self._chat_inputs(
+        context_tokens, input_ids, stop_words_ids, generation_config = self._chat_inputs(
             tokenizer, query, history, system, stop_words_ids, generation_config, kwargs
         )
         logits_processor = self._chat_processors(tokenizer, logits_processor)
@@ -848,14 +945,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
             worker.join()
         if failure:
             raise failure[0]
-        final = decode_tokens(
-            result["ids"][0],
-            tokenizer,
-            raw_text_len=len(raw_text),
-            context_length=len(context_tokens),
-            chat_format=generation_config.chat_format,
-            errors="replace",
-        )
+        final = self._decode_reply(tokenizer, result["ids"][0], len(context_tokens), generation_config.chat_format)
         if final != last:
             yield final
 
@@ -869,8 +959,29 @@ CONFIG_AUTO_MAP = {
 }
 
 
-def write_remote_code(directory) -> None:
-    """Copy our implementation files into a checkpoint directory (they import only each other)."""
-    here = Path(__file__).resolve().parent
-    for name in REMOTE_CODE_FILES:
-        (Path(directory) / name).write_bytes((here / name).read_bytes())
+def write_remote_code(directory, names=REMOTE_CODE_FILES) -> list[str]:
+    """Copy our implementation files into a checkpoint directory (they import only each other).
+
+    A different file of the same name that is not ours (the 2023 code) is kept once as
+    `<name>.orig`. Each file is written under a temporary name and renamed into place, so a
+    symlink (e.g. into a Hugging Face cache) is replaced by a regular file, its target untouched.
+    Returns the names of the backups made."""
+    import os
+    import shutil
+
+    here, directory = Path(__file__).resolve().parent, Path(directory)
+    kept = []
+    for name in names:
+        code, target, backup = (here / name).read_bytes(), directory / name, directory / f"{name}.orig"
+        if target.is_file():
+            old = target.read_bytes()
+            if old == code:
+                continue
+            # Our files (any version) say so at the top of their docstring; the 2023 ones do not.
+            if b"into saved checkpoints as remote" not in old[:1000] and not os.path.lexists(backup):
+                shutil.copyfile(target, backup)
+                kept.append(backup.name)
+        staged = directory / f".{name}.partial"
+        staged.write_bytes(code)
+        os.replace(staged, target)
+    return kept

@@ -9,7 +9,8 @@ whole rendered string, and user text is encoded with ``allowed_special=set()``
 so that "<|im_end|>" typed by a user stays plain text.
 """
 
-from numbers import Integral
+import os
+from numbers import Integral, Real
 
 import torch
 from transformers import LogitsProcessor
@@ -127,6 +128,43 @@ def get_stop_words_ids(chat_format, tokenizer):
 
 
 # ---------------------------------------------------------------------------
+# Checkpoint paths
+# ---------------------------------------------------------------------------
+
+
+def _looks_like_local_path(path):
+    """Absolute, ./ or ../ relative, ~, existing, or with more than one '/': not a hub repo id."""
+    return (
+        os.path.isabs(path)
+        or path in (".", "..")
+        or path.startswith(("./", "../", "~"))
+        or os.path.exists(path)
+        or path.count("/") > 1
+    )
+
+
+def check_local_checkpoint(path, needed_file, subfolder=None):
+    """Clear errors for a local checkpoint path that cannot work, before transformers takes it for a
+    hub repo id ("Repo id must be in the form ...") or fails on what it finds there. Hub ids such as
+    "Qwen/Qwen-7B-Chat" that are not local paths are left alone."""
+    path = os.fspath(path)
+    if not _looks_like_local_path(path):
+        return
+    directory = os.path.expanduser(path)
+    if not os.path.exists(directory):
+        raise FileNotFoundError(f"no such directory: {path!r} (expected a checkpoint directory containing {needed_file})")
+    if not os.path.isdir(directory):
+        raise NotADirectoryError(
+            f"{path!r} is a file; expected a checkpoint directory containing {needed_file} "
+            f"(such as {os.path.dirname(os.path.abspath(directory))!r})"
+        )
+    directory = os.path.join(directory, subfolder) if subfolder else directory
+    if not os.path.isfile(os.path.join(directory, needed_file)):
+        empty = " (the directory is empty)" if os.path.isdir(directory) and not os.listdir(directory) else ""
+        raise FileNotFoundError(f"no {needed_file} in {directory!r}{empty}: not a Qwen checkpoint directory")
+
+
+# ---------------------------------------------------------------------------
 # Response decoding
 # ---------------------------------------------------------------------------
 
@@ -192,6 +230,57 @@ def decode_tokens(
 # ---------------------------------------------------------------------------
 # Generation helpers
 # ---------------------------------------------------------------------------
+
+
+def _is_int(value):
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def check_generation_config(config):
+    """Raise a ValueError naming the first generation option that cannot work (transformers only
+    warns about some, or fails deep inside a logits processor)."""
+    if not hasattr(config, "to_diff_dict"):
+        raise TypeError(
+            f"generation_config must be a transformers GenerationConfig, not {type(config).__name__} "
+            "(use GenerationConfig(**options), or pass the options as keyword arguments)"
+        )
+    for name in ("max_new_tokens", "max_length"):
+        value = getattr(config, name, None)
+        if value is not None and (not _is_int(value) or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    top_k = getattr(config, "top_k", None)
+    if top_k is not None and (not _is_int(top_k) or top_k < 0):
+        raise ValueError(f"top_k must be an integer >= 0, got {top_k!r}")
+    top_p = getattr(config, "top_p", None)
+    if top_p is not None and not (isinstance(top_p, Real) and not isinstance(top_p, bool) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    temperature = getattr(config, "temperature", None)
+    if temperature is not None and not (isinstance(temperature, Real) and temperature >= 0):
+        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+    if getattr(config, "do_sample", False) and temperature is not None and temperature == 0:
+        raise ValueError("temperature must be > 0 when sampling (for greedy decoding set do_sample=False)")
+    penalty = getattr(config, "repetition_penalty", None)
+    if penalty is not None and not (isinstance(penalty, Real) and penalty > 0):
+        raise ValueError(f"repetition_penalty must be a number > 0, got {penalty!r}")
+
+
+def check_context_fits(prompt_length, config, context_length):
+    """Raise a ValueError, before any compute, when the prompt plus the tokens to generate cannot
+    fit in `context_length` (the model config's max_position_embeddings)."""
+    new_tokens = getattr(config, "max_new_tokens", None)
+    if prompt_length >= context_length:
+        raise ValueError(
+            f"the prompt has {prompt_length} tokens, more than the model's context of {context_length} "
+            "tokens allows (max_position_embeddings); shorten it"
+        )
+    if new_tokens is not None and prompt_length + new_tokens > context_length:
+        raise ValueError(
+            f"the prompt ({prompt_length} tokens) plus max_new_tokens ({new_tokens}) exceeds the model's context "
+            f"of {context_length} tokens (max_position_embeddings); shorten the prompt or lower max_new_tokens"
+        )
+    max_length = getattr(config, "max_length", None)
+    if new_tokens is None and max_length is not None and max_length > context_length:
+        raise ValueError(f"max_length ({max_length}) exceeds the model's context of {context_length} tokens")
 
 
 class StopWordsLogitsProcessor(LogitsProcessor):

@@ -6,6 +6,7 @@ only the standard library, tiktoken, transformers and ``.qwen_generation_utils``
 
 import base64
 import binascii
+import dataclasses
 import logging
 import os
 import unicodedata
@@ -13,7 +14,7 @@ import unicodedata
 import tiktoken
 from transformers import AddedToken, PreTrainedTokenizer
 
-from .qwen_generation_utils import DEFAULT_SYSTEM, chatml_generation_prompt, chatml_turn
+from .qwen_generation_utils import DEFAULT_SYSTEM, check_local_checkpoint, chatml_generation_prompt, chatml_turn
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +48,6 @@ DEFAULT_CHAT_TEMPLATE = (
 
 def _load_tiktoken_bpe(path):
     """Read ``base64(bytes) rank`` lines into {bytes: rank}, with errors that name the file and line."""
-    if path is None:
-        raise ValueError(
-            f"QWenTokenizer needs its vocabulary file {VOCAB_FILES_NAMES['vocab_file']!r}, but none was given or found"
-        )
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Qwen vocabulary file not found: {path!r}")
@@ -80,6 +77,43 @@ def _load_tiktoken_bpe(path):
     return ranks
 
 
+def _as_message_dict(message):
+    """A chat message as a plain dict (dicts, dataclasses and pydantic models, like transformers), else None."""
+    if isinstance(message, dict):
+        return message
+    if dataclasses.is_dataclass(message) and not isinstance(message, type):
+        return {field.name: getattr(message, field.name) for field in dataclasses.fields(message)}
+    if callable(getattr(message, "model_dump", None)):
+        return message.model_dump()
+    return None
+
+
+def _checked_chat(messages, where=""):
+    """One conversation as a list of dicts with string 'role' and 'content' (what chatml needs)."""
+    if not isinstance(messages, (list, tuple)):
+        raise ValueError(f"{where}a chat must be a list of message dicts, got {type(messages).__name__}: {messages!r}")
+    if not messages:
+        raise ValueError(f"{where}cannot apply the chat template to an empty conversation")
+    checked = []
+    for i, message in enumerate(messages):
+        as_dict = _as_message_dict(message)
+        if as_dict is None:
+            raise ValueError(
+                f"{where}chat message {i} must be a dict with 'role' and 'content', got {type(message).__name__}: "
+                f"{message!r}"
+            )
+        for key in ("role", "content"):
+            if key not in as_dict:
+                raise ValueError(f"{where}chat message {i} has no {key!r}: {as_dict!r}")
+            if not isinstance(as_dict[key], str):
+                raise ValueError(
+                    f"{where}chat message {i}: {key!r} must be a string, got {type(as_dict[key]).__name__}: "
+                    f"{as_dict[key]!r}"
+                )
+        checked.append(as_dict)
+    return checked
+
+
 class QWenTokenizer(PreTrainedTokenizer):
     """Byte-level BPE on tiktoken with 208 fixed control tokens (ids 151643..151850).
 
@@ -92,6 +126,12 @@ class QWenTokenizer(PreTrainedTokenizer):
         # Everything tiktoken-related is built before the base __init__, which
         # already calls len(), convert_tokens_to_ids() and _add_tokens().
         self.errors = errors
+        if vocab_file is None:
+            source = kwargs.get("name_or_path")  # set by from_pretrained
+            raise ValueError(
+                f"QWenTokenizer needs its vocabulary file {VOCAB_FILES_NAMES['vocab_file']!r}, but none was given"
+                + (f" or found in {source!r}" if source else "")
+            )
         self.mergeable_ranks = _load_tiktoken_bpe(vocab_file)
         n_regular = len(self.mergeable_ranks)
         if set(self.mergeable_ranks.values()) != set(range(SPECIAL_START_ID)):
@@ -116,6 +156,15 @@ class QWenTokenizer(PreTrainedTokenizer):
         if kwargs.get("chat_template") is None:
             kwargs["chat_template"] = DEFAULT_CHAT_TEMPLATE
         super().__init__(errors=errors, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' from_pretrained; a local path without the vocabulary fails first with its name."""
+        path = os.fspath(pretrained_model_name_or_path)
+        # transformers' single-file form (the .tiktoken file itself) stays allowed.
+        if "vocab_file" not in kwargs and not (os.path.isfile(path) and path.endswith(".tiktoken")):
+            check_local_checkpoint(path, VOCAB_FILES_NAMES["vocab_file"], kwargs.get("subfolder"))
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def _merge_extra_vocab(self, extra_vocab_file):
         """Add tokens from ``extra_vocab_file``; entries whose bytes or id already exist are skipped."""
@@ -185,7 +234,7 @@ class QWenTokenizer(PreTrainedTokenizer):
     def _convert_id_to_token(self, index):
         if index in self.decoder:
             return self.decoder[index]
-        raise ValueError(f"unknown id {index}")
+        raise ValueError(f"unknown id {index}: valid ids are 0..{len(self) - 1}")
 
     def _add_tokens(self, new_tokens, special_tokens=False):
         """The vocabulary is fixed: known control tokens are a no-op (so pad_token='<|extra_0|>' works)."""
@@ -215,13 +264,36 @@ class QWenTokenizer(PreTrainedTokenizer):
         """NFC-normalize, then encode with tiktoken; returns bytes (regular) and str (control) tokens.
 
         By default special-token text becomes control tokens; pass
-        ``allowed_special=set()`` to keep it plain text.
+        ``allowed_special=set()`` to keep it plain text. Both arguments take "all" or
+        a set (list, tuple) of control tokens.
         """
+        allowed_special = self._special_tokens_argument("allowed_special", allowed_special)
+        disallowed_special = self._special_tokens_argument("disallowed_special", disallowed_special)
         if kwargs.get("split_special_tokens"):
             allowed_special = set()
         text = unicodedata.normalize("NFC", text)
         ids = self.tokenizer.encode(text, allowed_special=allowed_special, disallowed_special=disallowed_special)
         return [self.decoder[i] for i in ids]
+
+    def _special_tokens_argument(self, name, value):
+        """`value` as tiktoken takes it: "all" or a set of this tokenizer's control tokens."""
+        if isinstance(value, str):
+            if value == "all":
+                return value
+            raise ValueError(
+                f'{name} must be "all" or a set of control tokens such as {{"<|endoftext|>"}}, got the string {value!r}'
+            )
+        if not isinstance(value, (set, frozenset, list, tuple)):
+            raise TypeError(
+                f'{name} must be "all" or a set (or list) of control tokens, got {type(value).__name__}: {value!r}'
+            )
+        for token in value:
+            if not isinstance(token, str) or token not in self.special_tokens:
+                raise ValueError(
+                    f"{name} contains {token!r}, which is not a control token: use <|endoftext|>, <|im_start|>, "
+                    "<|im_end|> or <|extra_0|> .. <|extra_204|>"
+                )
+        return set(value)
 
     def _tokenize(self, text, **kwargs):
         raise NotImplementedError("QWenTokenizer tokenizes whole texts in tokenize()")
@@ -245,6 +317,13 @@ class QWenTokenizer(PreTrainedTokenizer):
         if skip_special_tokens:
             # Everything from <|endoftext|> up is a control (or extra-vocab) id.
             token_ids = [i for i in token_ids if i < self.eod_id]
+        n_ids = len(self)
+        for token_id in token_ids:
+            if not (hasattr(token_id, "__index__") and 0 <= token_id < n_ids):
+                raise ValueError(
+                    f"cannot decode token id {token_id!r}: valid ids are the integers 0..{n_ids - 1} "
+                    "(a model's embedding may have more rows than the tokenizer has tokens)"
+                )
         return self.tokenizer.decode(token_ids, errors=errors or self.errors)
 
     # -- chat ------------------------------------------------------------------
@@ -292,9 +371,12 @@ class QWenTokenizer(PreTrainedTokenizer):
             tokenizer_kwargs=tokenizer_kwargs,
             **kwargs,
         )
+        default_template = self.get_chat_template(chat_template, tools) == DEFAULT_CHAT_TEMPLATE
+        if default_template:
+            chats = self._checked_chats(conversation)
         piecewise = (
             tokenize
-            and self.get_chat_template(chat_template, tools) == DEFAULT_CHAT_TEMPLATE
+            and default_template
             and tools is None
             and documents is None
             and continue_final_message in (False, True, "content")
@@ -306,15 +388,11 @@ class QWenTokenizer(PreTrainedTokenizer):
         if return_assistant_tokens_mask:
             raise ValueError("QWenTokenizer does not support return_assistant_tokens_mask")
 
-        # Let the base class validate the messages and render them; this also
-        # keeps its errors (empty chat, continue + generation prompt, ...).
+        # The messages are checked above; let the base class render them, which also
+        # keeps its errors (continue + generation prompt, ...).
         rendered = super().apply_chat_template(conversation, tokenize=False, **common)
         batched = isinstance(rendered, list)
-        conversations = conversation if batched else [conversation]
-        ids = [
-            self._chatml_ids(getattr(chat, "messages", chat), add_generation_prompt, bool(continue_final_message))
-            for chat in conversations
-        ]
+        ids = [self._chatml_ids(chat, add_generation_prompt, bool(continue_final_message)) for chat in chats]
         out = self(
             ids if batched else ids[0],
             add_special_tokens=False,
@@ -326,6 +404,21 @@ class QWenTokenizer(PreTrainedTokenizer):
         )
         return out if return_dict else out["input_ids"]
 
+    @staticmethod
+    def _checked_chats(conversation):
+        """One conversation or a batch (detected as transformers does), each checked by `_checked_chat`."""
+        batched = (
+            isinstance(conversation, (list, tuple))
+            and len(conversation) > 0
+            and (isinstance(conversation[0], (list, tuple)) or hasattr(conversation[0], "messages"))
+        )
+        if not batched:
+            return [_checked_chat(getattr(conversation, "messages", conversation))]
+        return [
+            _checked_chat(getattr(chat, "messages", chat), where=f"conversation {n}: ")
+            for n, chat in enumerate(conversation)
+        ]
+
     def _chatml_ids(self, messages, add_generation_prompt, continue_final_message):
         """Ids of one chatml conversation, built with make_context's piecewise helpers."""
         messages = list(messages)
@@ -334,9 +427,7 @@ class QWenTokenizer(PreTrainedTokenizer):
         ids = []
         nl = self.encode("\n")
         for i, message in enumerate(messages):
-            role, content = message.get("role"), message.get("content")
-            if not isinstance(role, str) or not isinstance(content, str):
-                raise TypeError(f"chat message {i} needs string 'role' and 'content', got {message!r}")
+            role, content = message["role"], message["content"]
             last = i == len(messages) - 1
             ids += (nl if i else []) + chatml_turn(self, role, content, close=not (last and continue_final_message))[1]
         if add_generation_prompt:

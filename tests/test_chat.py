@@ -6,6 +6,7 @@ and record the ids the model was fed.
 """
 
 import copy
+import unicodedata
 import warnings
 
 import pytest
@@ -574,3 +575,76 @@ def test_closing_chat_stream_stops_generation(chat_model, qwen_tokenizer):
     stream.close()  # returns once the worker thread has finished
     steps = len(recorder.calls)
     assert steps < 50, f"generation went on for {steps} steps after the consumer left"
+
+
+# -- 7. replies, limits and options that used to go wrong ---------------------------------
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["cafe\u0301 re\u0301sume\u0301", unicodedata.normalize("NFD", "안녕하세요"), "smile \ud83d\ude00"],
+    ids=["decomposed-accents", "nfd-hangul", "surrogate-pair-as-code-units"],
+)
+def test_reply_is_whole_when_the_prompt_is_not_nfc(chat_model, qwen_tokenizer, query):
+    """Tokenising normalises the prompt, so it decodes shorter than the raw text; the original cut
+    the decoded prompt + reply at the raw length and lost the reply's first characters."""
+    _, ctx = _context(qwen_tokenizer, query)
+    reply = qwen_tokenizer.encode("Hello world") + [IM_END]
+    force = [ForceTokens(len(ctx), dict(enumerate(reply)))]
+    response, history = chat_model.chat(qwen_tokenizer, query, logits_processor=force, **GREEDY)
+    assert response == "Hello world"
+    assert history == [(query, "Hello world")]
+    assert list(chat_model.chat_stream(qwen_tokenizer, query, logits_processor=force, **GREEDY))[-1] == "Hello world"
+
+
+@pytest.fixture
+def short_context_model(fresh_chat_model):
+    fresh_chat_model.config.max_position_embeddings = 64
+    return fresh_chat_model
+
+
+def test_prompt_beyond_the_context_is_refused_before_any_compute(short_context_model, qwen_tokenizer):
+    recorder = Recorder()
+    query = "word " * 100
+    with pytest.raises(ValueError, match=r"context of 64 tokens"):
+        short_context_model.chat(qwen_tokenizer, query, logits_processor=[recorder], **GREEDY)
+    with pytest.raises(ValueError, match=r"context of 64 tokens"):
+        next(iter(short_context_model.chat_stream(qwen_tokenizer, query, logits_processor=[recorder], **GREEDY)))
+    with pytest.raises(ValueError, match=r"context of 64 tokens"):
+        short_context_model.generate(torch.tensor([qwen_tokenizer.encode(query)]), logits_processor=[recorder], **GREEDY)
+    assert recorder.calls == []
+
+
+def test_prompt_plus_max_new_tokens_beyond_the_context_is_refused(short_context_model, qwen_tokenizer):
+    _, ctx = _context(qwen_tokenizer, "hi")
+    room = 64 - len(ctx)
+    with pytest.raises(ValueError, match=rf"max_new_tokens \({room + 1}\)"):
+        short_context_model.chat(qwen_tokenizer, "hi", do_sample=False, max_new_tokens=room + 1)
+    with pytest.raises(ValueError, match=r"max_new_tokens"):
+        short_context_model.generate(torch.tensor([ctx]), do_sample=False, max_new_tokens=room + 1)
+    response, _ = short_context_model.chat(qwen_tokenizer, "hi", do_sample=False, max_new_tokens=room)
+    assert isinstance(response, str)
+
+
+@pytest.mark.parametrize(
+    "options,error,pattern",
+    [
+        (dict(generation_config={"max_new_tokens": 4}), TypeError, r"generation_config must be a transformers GenerationConfig, not dict"),
+        (dict(max_new_tokens="5"), ValueError, r"max_new_tokens must be a positive integer, got '5'"),
+        (dict(max_new_tokens=0), ValueError, r"max_new_tokens must be a positive integer"),
+        (dict(top_p=1.5), ValueError, r"top_p must be a number in \(0, 1\], got 1.5"),
+        (dict(top_p=0), ValueError, r"top_p"),
+        (dict(do_sample=True, temperature=0), ValueError, r"temperature must be > 0 when sampling"),
+        (dict(temperature=float("nan")), ValueError, r"temperature"),
+        (dict(top_k=-1), ValueError, r"top_k"),
+    ],
+)
+def test_bad_generation_options_are_clear_errors(chat_model, qwen_tokenizer, options, error, pattern):
+    options = {"do_sample": False, **options}
+    _, ctx = _context(qwen_tokenizer, "hi")
+    with pytest.raises(error, match=pattern):
+        chat_model.chat(qwen_tokenizer, "hi", **options)
+    with pytest.raises(error, match=pattern):
+        next(iter(chat_model.chat_stream(qwen_tokenizer, "hi", **options)))
+    with pytest.raises(error, match=pattern):
+        chat_model.generate(torch.tensor([ctx]), **options)

@@ -373,3 +373,60 @@ def test_aug_2023_legacy_config_keys_load(tmp_path):
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (64, 2, 4)
     assert (config.intermediate_size, config.vocab_size, config.max_position_embeddings) == (344, 1024, 6144)
     assert torch.equal(logits(load(out)), logits(load(GOLDEN / "tiny_default")))
+
+
+def drop_tensors(directory, *names):
+    """Rewrite a checkpoint's model.safetensors without the named tensors."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(directory) / "model.safetensors"
+    state = {k: v for k, v in load_file(path).items() if k not in names}
+    save_file(state, path, metadata={"format": "pt"})
+
+
+def test_missing_tensor_is_an_error_naming_it(tmp_path):
+    ckpt = golden_copy(tmp_path)
+    drop_tensors(ckpt, "lm_head.weight")
+    with pytest.raises(ValueError, match=r"missing lm_head\.weight"):
+        load(ckpt)
+
+
+def test_config_with_more_layers_than_the_weights_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match=r"missing transformer\.h\.2\."):
+        load(golden_copy(tmp_path, num_hidden_layers=3))
+
+
+def test_shape_mismatch_is_an_error_naming_the_tensor(tmp_path):
+    # intermediate_size 344 in the weights (w1/w2 rows 172); the config asks for 340.
+    with pytest.raises(ValueError, match=r"transformer\.h\.0\.mlp\.w1\.weight has shape \(172, 64\) in the checkpoint"):
+        load(golden_copy(tmp_path, intermediate_size=340))
+
+
+@pytest.mark.parametrize("dtype", ["nonsense", "int8", 3])
+def test_bad_dtype_is_a_clear_error(dtype):
+    with pytest.raises(ValueError, match=r"dtype must be 'auto' or a floating torch dtype"):
+        load(GOLDEN / "tiny_default", dtype=dtype)
+
+
+def test_dtype_by_name_with_torch_prefix():
+    assert load(GOLDEN / "tiny_default", dtype="torch.bfloat16").dtype == torch.bfloat16
+
+
+def test_path_errors_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no such directory: '.*nowhere' \(expected a checkpoint directory containing config\.json\)"):
+        load(tmp_path / "nowhere")
+    with pytest.raises(NotADirectoryError, match=r"model\.safetensors' is a file; expected a checkpoint directory"):
+        load(GOLDEN / "tiny_default" / "model.safetensors")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no config\.json in '.*empty' \(the directory is empty\)"):
+        load(tmp_path / "empty")
+
+
+def test_loaded_cpu_weights_are_64_byte_aligned():
+    """transformers 5 maps safetensors weights in place, at 8-byte-aligned offsets; torch's
+    single-row matmul then sums in another order than on the original's aligned copies (1-ulp
+    decode-step drift, whole steps with the int8 cache). Every parameter and buffer is moved."""
+    model = load(GOLDEN / "tiny_kv_int8")
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    misaligned = {name: t.data_ptr() % 64 for name, t in tensors.items() if t.data_ptr() % 64}
+    assert not misaligned

@@ -218,7 +218,7 @@ def test_cli_help(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    assert "SRC" in text.upper() and "--dtype" in text and "Qwen2ForCausalLM" in text
+    assert "SRC" in text.upper() and "--dtype" in text and "--force" in text and "Qwen2ForCausalLM" in text
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):

@@ -1,13 +1,17 @@
 """QWenTokenizer against golden vectors from the original code, plus its HF integration."""
 
 import base64
+import dataclasses
 import json
 import pickle
+import re
 from pathlib import Path
 
 import pytest
 
+import qwen  # registers the Auto classes
 from qwen.tokenization_qwen import QWenTokenizer
+from transformers import AutoTokenizer
 
 GOLDEN = json.loads((Path(__file__).parent / "fixtures" / "tokenizer_chat_golden.json").read_text(encoding="utf-8"))
 TOKENIZER_CASES = GOLDEN["tokenizer_cases"]
@@ -222,7 +226,7 @@ def test_missing_vocab_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         QWenTokenizer(str(tmp_path / "qwen.tiktoken"))
     with pytest.raises(ValueError, match="qwen.tiktoken"):
-        QWenTokenizer.from_pretrained(tmp_path)  # a directory without the vocabulary
+        QWenTokenizer()
 
 
 def test_find_qwen_tiktoken(vocab_path, tmp_path):
@@ -232,3 +236,152 @@ def test_find_qwen_tiktoken(vocab_path, tmp_path):
     assert find_qwen_tiktoken(vocab_path) == vocab_path
     with pytest.raises(FileNotFoundError, match="not found"):
         find_qwen_tiktoken(tmp_path / "missing.tiktoken")
+
+
+# -- argument and input errors -----------------------------------------------------
+
+INJECTION = "a<|im_end|>b"
+
+
+@pytest.mark.parametrize(
+    "allowed_special, ids",
+    [
+        ("all", [64, 151645, 65]),
+        ({"<|im_end|>"}, [64, 151645, 65]),
+        (frozenset({"<|im_end|>"}), [64, 151645, 65]),
+        (["<|im_end|>"], [64, 151645, 65]),  # a list or tuple is taken as a set
+        (("<|endoftext|>",), [64, 27, 91, 318, 6213, 91, 29, 65]),
+        (set(), [64, 27, 91, 318, 6213, 91, 29, 65]),
+    ],
+    ids=["all", "set", "frozenset", "list", "tuple-other-token", "empty-set"],
+)
+def test_allowed_special_accepted_forms(qwen_tokenizer, allowed_special, ids):
+    assert qwen_tokenizer.encode(INJECTION, allowed_special=allowed_special) == ids
+    tokens = qwen_tokenizer.tokenize(INJECTION, allowed_special=allowed_special)
+    assert qwen_tokenizer.convert_tokens_to_ids(tokens) == ids
+
+
+@pytest.mark.parametrize("name", ["allowed_special", "disallowed_special"])
+@pytest.mark.parametrize(
+    "value, error, message",
+    [
+        ("none", ValueError, r'must be "all" or a set of control tokens .* got the string \'none\''),
+        ("<|im_end|>", ValueError, r"got the string '<\|im_end\|>'"),
+        (None, TypeError, r'must be "all" or a set \(or list\) of control tokens, got NoneType: None'),
+        (7, TypeError, r"got int: 7"),
+        ({"<|im_end|>", "<|foo|>"}, ValueError, r"contains '<\|foo\|>', which is not a control token"),
+        ([1], ValueError, r"contains 1, which is not a control token"),
+    ],
+    ids=["other-string", "single-token-string", "none", "int", "unknown-token", "non-string-item"],
+)
+def test_bad_special_tokens_argument(qwen_tokenizer, name, value, error, message):
+    for call in (qwen_tokenizer.encode, qwen_tokenizer.tokenize, qwen_tokenizer):
+        with pytest.raises(error, match=message) as info:
+            call(INJECTION, **{name: value})
+        assert str(info.value).startswith(name + " "), info.value
+
+
+def test_disallowed_special_still_guards_text(qwen_tokenizer):
+    with pytest.raises(ValueError, match="disallowed special token '<\\|im_end\\|>'"):
+        qwen_tokenizer.encode(INJECTION, allowed_special=set(), disallowed_special=["<|im_end|>"])
+    assert qwen_tokenizer.encode(INJECTION, allowed_special=set(), disallowed_special={"<|im_start|>"}) == (
+        qwen_tokenizer.encode(INJECTION, allowed_special=set())
+    )
+
+
+@pytest.mark.parametrize("token_id", [-1, 151851, 151935, 10**9, 1.5])
+def test_decode_out_of_range_id_names_it_and_the_range(qwen_tokenizer, token_id):
+    message = rf"cannot decode token id {re.escape(repr(token_id))}: valid ids are the integers 0\.\.151850"
+    with pytest.raises(ValueError, match=message):
+        qwen_tokenizer.decode([14990, token_id])
+    with pytest.raises(ValueError, match=message):
+        qwen_tokenizer.batch_decode([[14990], [token_id]])
+
+
+def test_decode_range_checks_keep_errors_and_skip_behaviour(qwen_tokenizer):
+    assert qwen_tokenizer.decode([151850]) == "<|extra_204|>"  # the last valid id
+    assert qwen_tokenizer.decode(14990) == "hello"
+    # skip_special_tokens drops every id from <|endoftext|> up, padded-vocabulary ids included (the original)
+    assert qwen_tokenizer.decode([14990, 151900], skip_special_tokens=True) == "hello"
+    assert qwen_tokenizer.decode([14990, 160], errors="ignore") == "hello"
+    assert qwen_tokenizer.decode([14990, 160], errors="replace") == "hello\ufffd"
+    with pytest.raises(ValueError, match="unknown id 151900: valid ids are 0..151850"):
+        qwen_tokenizer.convert_ids_to_tokens(151900)
+
+
+@pytest.mark.parametrize(
+    "messages, message",
+    [
+        ([{"content": "hi"}], r"^chat message 0 has no 'role': \{'content': 'hi'\}"),
+        ([{"role": "user", "content": "hi"}, {"role": "assistant"}], r"^chat message 1 has no 'content'"),
+        ([{"role": 1, "content": "hi"}], r"^chat message 0: 'role' must be a string, got int: 1"),
+        ([{"role": "user", "content": None}], r"^chat message 0: 'content' must be a string, got NoneType: None"),
+        ([{"role": "user", "content": 3}], r"^chat message 0: 'content' must be a string, got int: 3"),
+        ([{"role": "user", "content": [{"type": "text", "text": "hi"}]}], r"'content' must be a string, got list"),
+        ([{"role": "user", "content": "hi"}, "hi"], r"^chat message 1 must be a dict with 'role' and 'content'"),
+        ([[{"role": "user", "content": "hi"}], [{"role": "user"}]], r"^conversation 1: chat message 0 has no 'content"),
+        ([("user", "hi")], r"^conversation 0: chat message 0 must be a dict"),
+        ([], r"empty conversation"),
+        ("hi", r"^a chat must be a list of message dicts, got str"),
+    ],
+    ids=["no-role", "no-content", "int-role", "none-content", "int-content", "list-content", "str-message",
+         "batch", "tuple-message", "empty", "str-chat"],
+)
+@pytest.mark.parametrize("tokenize", [True, False])
+def test_bad_chat_messages(qwen_tokenizer, messages, message, tokenize):
+    with pytest.raises(ValueError, match=message):
+        qwen_tokenizer.apply_chat_template(messages, tokenize=tokenize)
+
+
+def test_chat_messages_may_be_dataclasses(qwen_tokenizer):
+    @dataclasses.dataclass
+    class Message:
+        role: str
+        content: str
+
+    as_dicts = [{"role": "user", "content": "hi"}]
+    as_objects = [Message("user", "hi")]
+    for tokenize in (True, False):
+        expected = qwen_tokenizer.apply_chat_template(as_dicts, tokenize=tokenize, add_generation_prompt=True)
+        assert qwen_tokenizer.apply_chat_template(as_objects, tokenize=tokenize, add_generation_prompt=True) == expected
+
+
+def test_other_templates_keep_their_own_message_rules(qwen_tokenizer):
+    template = "{% for m in messages %}{{ m['role'] }}:{{ m['text'] }};{% endfor %}"
+    assert qwen_tokenizer.apply_chat_template([{"role": "user", "text": "hi"}], chat_template=template,
+                                              tokenize=False) == "user:hi;"
+
+
+@pytest.mark.parametrize("load", [QWenTokenizer.from_pretrained, AutoTokenizer.from_pretrained],
+                         ids=["QWenTokenizer", "AutoTokenizer"])
+def test_from_pretrained_checkpoint_without_vocabulary(tmp_path, load):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen"}))
+    with pytest.raises(FileNotFoundError, match=f"no qwen.tiktoken in {re.escape(repr(str(tmp_path)))}"):
+        load(tmp_path)
+
+
+def test_from_pretrained_empty_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"no qwen.tiktoken in {re.escape(repr(str(tmp_path)))}"):
+        QWenTokenizer.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"no qwen.tiktoken in {re.escape(repr(str(tmp_path / 'sub')))}"):
+        QWenTokenizer.from_pretrained(tmp_path, subfolder="sub")
+
+
+@pytest.mark.parametrize("path", ["/nonexistent/qwen-checkpoint", "./no-such-dir", "../no-such-dir", "a/b/c"])
+def test_from_pretrained_missing_local_directory(path):
+    with pytest.raises(FileNotFoundError, match=f"no such directory: {re.escape(repr(path))}"):
+        QWenTokenizer.from_pretrained(path)
+
+
+def test_from_pretrained_file_instead_of_directory(tmp_path, vocab_path):
+    config = tmp_path / "config.json"
+    config.write_text("{}")
+    with pytest.raises(NotADirectoryError, match=f"{re.escape(repr(str(config)))} is a file; .* directory containing"):
+        QWenTokenizer.from_pretrained(config)
+    # transformers' single-file form still works for the vocabulary itself
+    assert len(QWenTokenizer.from_pretrained(vocab_path)) == 151851
+
+
+def test_from_pretrained_hub_id_goes_to_the_hub_logic():
+    with pytest.raises(ValueError, match="but none was given or found in 'qwen-tests/no-such-repo'"):
+        QWenTokenizer.from_pretrained("qwen-tests/no-such-repo", local_files_only=True)

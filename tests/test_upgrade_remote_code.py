@@ -79,3 +79,28 @@ def test_upgrade_refuses_what_is_not_a_qwen_checkpoint(tmp_path):
     other = run(["-m", "qwen.tools.upgrade_remote_code", str(tmp_path)], Path.cwd())
     assert other.returncode == 2 and "'llama'" in other.stderr
     assert not (tmp_path / "modeling_qwen.py").exists()
+
+
+def test_upgrade_never_writes_through_a_cache_symlink(tmp_path, vocab_path):
+    """A Hugging Face cache snapshot: each file a symlink to a shared blob, which must not change."""
+    original = original_checkpoint(tmp_path, vocab_path)
+    config = json.loads((original / "config.json").read_text())
+    del config["auto_map"]  # as in a checkpoint whose config upgrade has to rewrite
+    (original / "config.json").write_text(json.dumps(config))
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    shutil.move(original, blobs)
+    for blob in blobs.iterdir():
+        (snapshot / blob.name).symlink_to(Path("..", "..", "blobs", blob.name))
+    digests = {blob.name: hashlib.sha256(blob.read_bytes()).hexdigest() for blob in blobs.iterdir()}
+
+    upgraded = run(["-m", "qwen.tools.upgrade_remote_code", str(snapshot)], Path.cwd())
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert {blob.name: hashlib.sha256(blob.read_bytes()).hexdigest() for blob in blobs.iterdir()} == digests
+    assert not (snapshot / "config.json").is_symlink()
+    assert json.loads((snapshot / "config.json").read_text())["auto_map"] == qwen.modeling_qwen.CONFIG_AUTO_MAP
+    assert (snapshot / "config.json.orig").read_bytes() == (blobs / "config.json").read_bytes()
+    for name in qwen.modeling_qwen.REMOTE_CODE_FILES:
+        assert not (snapshot / name).is_symlink() and (snapshot / f"{name}.orig").read_text() == OLD_CODE
+    assert (snapshot / "model.safetensors").is_symlink()  # the weights are not touched
+    assert "config.json.orig" in upgraded.stdout

@@ -9,7 +9,7 @@ def run_cli_action(action: Callable[[], str]) -> int:
     input (exit 2) instead of a traceback."""
     try:
         message = action()
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # missing, existing or unreadable paths; bad values
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(message)

@@ -1,6 +1,6 @@
 """Export a Qwen (v1) checkpoint as a transformers-native Qwen2ForCausalLM checkpoint.
 
-    python -m qwen.tools.export_qwen2 SRC OUT [--dtype {auto,bfloat16,float16,float32}]
+    python -m qwen.tools.export_qwen2 SRC OUT [--dtype {auto,bfloat16,float16,float32}] [--force]
 
 The output has model_type "qwen2", so transformers, vLLM and llama.cpp's converter load the
 weights without remote code. Within `seq_length` the exported model computes the same function:
@@ -9,7 +9,8 @@ projection. Dynamic NTK and LogN (active only beyond seq_length) have no Qwen2 e
 are dropped, so max_position_embeddings is set to seq_length. In fp32 the logits are identical; in
 bf16/fp16 Qwen2 applies RoPE in the model dtype (we do it in fp32), so logits differ by bf16 rounding
 and greedy tokens can part at near-ties. The tokenizer, when SRC has one, is written with its remote
-code (it still needs trust_remote_code).
+code (it still needs trust_remote_code). OUT may not be SRC nor contain it, and a non-empty OUT is
+refused unless --force; a refused or failed export leaves OUT as it was (see qwen/tools/output_dir.py).
 """
 
 import argparse
@@ -26,7 +27,9 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from ..configuration_qwen import QWenConfig
+from ..modeling_qwen import write_remote_code
 from . import run_cli_action
+from .output_dir import staged_output
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +235,6 @@ def _export_dir(src: Path, out: Path, dtype: torch.dtype | None) -> None:
     qcfg = qwen2_config(config, dtype, generation_config)  # refuses before anything is written
     warn_dropped_features(config)
     files = _weight_files(src)
-    out.mkdir(parents=True, exist_ok=True)
     weight_map, total_size, found_dtype = {}, 0, None
     for i, path in enumerate(files, start=1):
         name = "model.safetensors" if len(files) == 1 else f"model-{i:05d}-of-{len(files):05d}.safetensors"
@@ -262,16 +264,15 @@ def _export_tokenizer(src: Path, out: Path) -> bool:
     from ..tokenization_qwen import QWenTokenizer
 
     QWenTokenizer.from_pretrained(src).save_pretrained(out)
-    package_dir = Path(__file__).resolve().parent.parent
-    for name in TOKENIZER_CODE_FILES:
-        shutil.copyfile(package_dir / name, out / name)
+    write_remote_code(out, TOKENIZER_CODE_FILES)
     return True
 
 
-def export_qwen2(model_or_dir, out, dtype: str | torch.dtype | None = None) -> Path:
+def export_qwen2(model_or_dir, out, dtype: str | torch.dtype | None = None, force: bool = False) -> Path:
     """Write a Qwen2ForCausalLM checkpoint to `out` from a Qwen v1 model (QWenLMHeadModel) or
     checkpoint directory. `dtype` (None/"auto": keep the source's) casts the floating tensors.
-    Raises ValueError, naming the field, for settings Qwen2 cannot express."""
+    Raises ValueError, naming the field, for settings Qwen2 cannot express; `out` must not be the
+    source directory nor contain it, and must be empty unless `force` (qwen/tools/output_dir.py)."""
     if isinstance(dtype, str):
         dtype = None if dtype == "auto" else DTYPES[dtype]
     out = Path(out)
@@ -279,13 +280,15 @@ def export_qwen2(model_or_dir, out, dtype: str | torch.dtype | None = None) -> P
         src = Path(model_or_dir)
         if not src.is_dir():
             raise FileNotFoundError(f"not a checkpoint directory: {src}")
-        _export_dir(src, out, dtype)
-        _export_tokenizer(src, out)
+        with staged_output(out, force, sources=[src]) as staging:
+            _export_dir(src, staging, dtype)
+            _export_tokenizer(src, staging)
         return out
     model = model_or_dir
-    qwen2 = to_qwen2(model, dtype)  # refuses before anything is written
-    warn_dropped_features(model.config)
-    qwen2.save_pretrained(out)
+    with staged_output(out, force) as staging:
+        qwen2 = to_qwen2(model, dtype)  # refuses before anything is written
+        warn_dropped_features(model.config)
+        qwen2.save_pretrained(staging)
     return out
 
 
@@ -300,10 +303,15 @@ def main(argv=None):
     parser.add_argument(
         "--dtype", choices=["auto", *DTYPES], default="auto", help="weight dtype to write (auto: as stored in SRC)"
     )
+    parser.add_argument(
+        "--force", action="store_true",
+        help="write into a non-empty OUT: replace the checkpoint there and delete its stale weight files "
+             "(other files stay; remote code that is not ours is kept as *.py.orig)",
+    )
     args = parser.parse_args(argv)
 
     def action():
-        export_qwen2(args.src, args.out, args.dtype)
+        export_qwen2(args.src, args.out, args.dtype, force=args.force)
         return f"wrote a Qwen2ForCausalLM checkpoint to {args.out}"
 
     return run_cli_action(action)
