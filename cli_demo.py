@@ -1,6 +1,9 @@
-"""Qwen-Chat command-line interactive chat demo (QWEN_SPEC §7); the logic is in `qwen/cli.py`.
+"""Qwen-Chat command-line chat demo (QWEN_SPEC §7); the logic is in `qwen/cli.py`.
 
-    python cli_demo.py -c CHECKPOINT_DIR [-s SEED] [--cpu-only] [--max-new-tokens N]
+    python cli_demo.py -c CHECKPOINT_DIR [-s SEED] [--cpu-only] [--max-new-tokens N] [--prompt TEXT]
+
+Interactive on a terminal; with stdin piped it answers each line and prints a plain transcript;
+`--prompt TEXT` prints the reply to TEXT alone. `--help` says more.
 """
 
 import sys

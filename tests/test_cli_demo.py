@@ -1,15 +1,20 @@
-"""cli_demo.py in a real terminal (pexpect) on a tiny chat checkpoint.
+"""cli_demo.py on a tiny chat checkpoint: in a real terminal (pexpect), with piped stdin, with
+--prompt, and refusing checkpoints it cannot use (real subprocesses).
 
-Replies are made deterministic with `:conf do_sample=False` and compared with `model.chat()` run
-in this process on the same checkpoint, which also shows that `:conf` reaches generation (QWEN_SPEC
-§10). Each spawned demo costs a few seconds of start-up, so the commands are grouped into a few
-sessions.
+Replies are made deterministic with `:conf do_sample=False` (or the seed) and compared with
+`model.chat()` run in this process on the same checkpoint, which also shows that `:conf` reaches
+generation (QWEN_SPEC §10). Each spawned demo costs a few seconds of start-up, so the commands are
+grouped into a few sessions.
 """
 
+import copy
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pexpect
@@ -97,7 +102,8 @@ def test_help_lists_the_flags():
         timeout=TIMEOUT, check=False,
     )
     assert result.returncode == 0, result.stderr
-    for flag in ("-c", "--checkpoint-path", "-s", "--seed", "--cpu-only", "--max-new-tokens", "Qwen/Qwen-7B-Chat"):
+    for flag in ("-c", "--checkpoint-path", "-s", "--seed", "--cpu-only", "--max-new-tokens", "Qwen/Qwen-7B-Chat",
+                 "--prompt TEXT", "piped stdin", "end of the", "exit status is 1"):
         assert flag in result.stdout
 
 
@@ -141,10 +147,20 @@ def test_chat_history_and_conf(checkpoint, chat_model):
         assert ask(child, QUERY_1) == plain(short_reply)
 
         out = command(child, ":conf nosuchkey=1")
-        assert "[ERROR]" in out and "unknown generation config key 'nosuchkey'" in out
+        assert "error: unknown generation config key 'nosuchkey'" in out
         out = command(child, ":conf max_new_tokens=abc")
-        assert "[ERROR]" in out and "max_new_tokens" in out
+        assert "error: bad value abc for max_new_tokens: must be an integer >= 1; max_new_tokens stays 3" in out
+        out = command(child, ":conf temperature=0 top_p=1.5 repetition_penalty=0")
+        assert out.count("error: bad value") == 3 and "temperature stays None" in out and "top_p stays 0.8" in out
         assert re.search(r'"max_new_tokens": 3\b', command(child, ":conf"))  # the bad values changed nothing
+        # A float field takes floats after an integer was set, and an integer becomes a float.
+        assert "top_p = 1.0" in command(child, ":conf top_p=1")
+        assert "top_p = 0.9" in command(child, ":conf top_p=0.9")
+        assert "temperature = 0.7" in command(child, ":conf temperature=0.7")
+        shown = command(child, ":conf")
+        assert '"top_p": 0.9' in shown and '"temperature": 0.7' in shown
+        command(child, ":clh")
+        assert ask(child, QUERY_1) == plain(short_reply)  # still greedy: the sampling settings are unused
 
         out = command(child, ":reset-conf")
         assert re.search(r'"max_new_tokens": 8\b', out)  # the config as loaded: checkpoint + --max-new-tokens
@@ -165,7 +181,8 @@ def test_seed_help_and_unknown_commands(checkpoint, chat_model):
         assert "Random seed changed to 7" in command(child, ":seed 7")
         assert "Current random seed: 7" in command(child, ":seed")
         out = command(child, ":seed x")
-        assert "[ERROR]" in out and "'x'" in out and "Traceback" not in out
+        assert "error: cannot set the random seed: 'x' is not an integer; it stays 7" in out
+        assert "Traceback" not in out
         assert "Current random seed: 7" in command(child, ":seed")  # still running, seed unchanged
 
         out = command(child, ":h")
@@ -204,3 +221,266 @@ def test_ctrl_c_stops_a_reply_then_exits_at_the_prompt(checkpoint, chat_model):
         assert "Traceback" not in child.before
     finally:
         child.close(force=True)
+
+
+# -- :conf values, checked when they are set ---------------------------------------------------
+
+
+@pytest.fixture
+def loaded_config(checkpoint):
+    from transformers import GenerationConfig
+
+    return GenerationConfig.from_pretrained(checkpoint)  # top_p 0.8, top_k 0, no temperature
+
+
+@pytest.mark.parametrize("key, text, stored", [
+    ("top_p", "1", 1.0), ("top_p", "0.5", 0.5), ("temperature", "2", 2.0), ("temperature", "0.01", 0.01),
+    ("temperature", "None", None), ("repetition_penalty", "1", 1.0), ("top_k", "40", 40), ("top_k", "0", 0),
+    ("max_new_tokens", "5", 5), ("do_sample", "False", False), ("min_p", "0", 0.0),
+])
+def test_conf_accepts(loaded_config, key, text, stored):
+    from qwen.cli import set_config_value
+
+    assert set_config_value(loaded_config, key, text) == stored
+    value = getattr(loaded_config, key)
+    assert value == stored and type(value) is type(stored)
+
+
+@pytest.mark.parametrize("key, text, reason", [
+    ("temperature", "0", "must be a number > 0 (for greedy decoding set do_sample=False)"),
+    ("temperature", "-1", "must be a number > 0"),
+    ("temperature", "1e999", "must be a number > 0"),  # inf
+    ("temperature", "hot", "must be a number > 0"),
+    ("top_p", "0", "must be a number in (0, 1]"),
+    ("top_p", "1.01", "must be a number in (0, 1]"),
+    ("top_p", "True", "must be a number in (0, 1]"),
+    ("top_k", "-1", "must be an integer >= 0"),
+    ("top_k", "2.5", "must be an integer >= 0"),
+    ("max_new_tokens", "0", "must be an integer >= 1"),
+    ("max_new_tokens", "None", "must be an integer >= 1, not None"),
+    ("repetition_penalty", "0", "must be a number > 0"),
+    ("repetition_penalty", "-0.5", "must be a number > 0"),
+    ("do_sample", "1", "must be True or False"),
+    ("chat_format", "raw", "must be 'chatml'"),
+])
+def test_conf_refuses_and_keeps_the_old_value(loaded_config, key, text, reason):
+    from qwen.cli import set_config_value
+
+    before, old = loaded_config.to_dict(), getattr(loaded_config, key)
+    with pytest.raises(ValueError) as caught:
+        set_config_value(loaded_config, key, text)
+    message = str(caught.value)
+    assert message.startswith(f"bad value {text} for {key}: {reason}") and message.endswith(f"; {key} stays {old!r}")
+    assert loaded_config.to_dict() == before
+
+
+def test_conf_after_an_integer_a_float_field_still_takes_floats(loaded_config):
+    from qwen.cli import set_config_value
+
+    for key in ("top_p", "temperature", "repetition_penalty"):
+        set_config_value(loaded_config, key, "1")
+        assert set_config_value(loaded_config, key, "0.9") == 0.9
+
+
+# -- without a terminal: --prompt and piped stdin -----------------------------------------------
+
+RUN_TIMEOUT = 300  # a subprocess that hangs fails the test instead of blocking it
+
+
+def run_demo(*args, stdin=b"", env=None, module=None):
+    """Run cli_demo.py (or `python -m module`) with `stdin` piped; (exit status, stdout, stderr)."""
+    command = [sys.executable, *(["-m", module] if module else ["cli_demo.py"]), *args]
+    result = subprocess.run(
+        command, cwd=ROOT, env=env or _env(), input=stdin, capture_output=True, timeout=RUN_TIMEOUT, check=False,
+    )
+    return result.returncode, result.stdout.decode("utf-8"), result.stderr.decode("utf-8")
+
+
+def error_lines(stderr):
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def edit_json(path, **changes):
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data.update(changes)
+    path.write_text(json.dumps(data), encoding="utf-8")
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def offline_env(tmp_path, **extra):
+    """An empty Hugging Face cache and no proxies, so only `extra` decides whether the hub answers."""
+    env = _env()
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HF_ENDPOINT", "https_proxy",
+                 "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        env.pop(name, None)
+    env.update(HF_HOME=str(tmp_path / "hf_home"), **extra)
+    return env
+
+
+def test_prompt_prints_only_the_reply(checkpoint, chat_model):
+    from transformers import set_seed
+
+    model, tokenizer = chat_model
+    config = copy.deepcopy(model.generation_config)  # sampling, as loaded: the default seed decides
+    config.max_new_tokens = MAX_NEW_TOKENS
+    set_seed(1234)
+    reply, _ = model.chat(tokenizer, QUERY_2, generation_config=config)
+
+    status, out, err = run_demo(
+        "-c", checkpoint, "--cpu-only", "--max-new-tokens", str(MAX_NEW_TOKENS), "--prompt", QUERY_2,
+        stdin=b":q\nnot read\n",
+    )
+    assert status == 0, err
+    assert out == reply + "\n"  # no banner, prompt, prefix or escape codes
+    assert err == ""  # transformers' loading bar and warnings are off
+
+
+def test_piped_input_is_a_transcript_and_survives_bad_lines(checkpoint, chat_model):
+    reply_1, history = greedy_chat(chat_model, QUERY_1)
+    reply_2, _ = greedy_chat(chat_model, QUERY_2, history)
+    script = (
+        f":conf do_sample=False\n{QUERY_1}\n".encode()
+        + b"\xff\xfe not UTF-8 \xc3\n"  # line 3
+        + f"{QUERY_2}\n:conf top_p=2\n:q\nnot read\n".encode()
+    )
+    status, out, err = run_demo("-c", checkpoint, "--cpu-only", "--max-new-tokens", str(MAX_NEW_TOKENS), stdin=script)
+    assert status == 1  # a line gave an error
+    # The line after the bad one is answered, with the turn before it in its history; :q ends the input.
+    assert out == (
+        "[INFO] Generation config changed: do_sample = False\n"
+        f"User: {QUERY_1}\nQwen: {reply_1}\nUser: {QUERY_2}\nQwen: {reply_2}\n"
+    )
+    assert error_lines(err) == [
+        "error: line 3 is not valid UTF-8, skipped",
+        "error: bad value 2 for top_p: must be a number in (0, 1]; top_p stays 0.8",
+    ]
+    assert "Traceback" not in err
+
+
+def test_a_cached_hub_checkpoint_is_used_when_the_hub_is_unreachable(checkpoint, chat_model, tmp_path):
+    """Also `make demo`'s script, which ends at the end of its input with status 0."""
+    reply_1, history = greedy_chat(chat_model, QUERY_1)
+    reply_2, history = greedy_chat(chat_model, QUERY_2, history)
+    env = offline_env(tmp_path, HF_ENDPOINT=f"http://127.0.0.1:{free_port()}")
+    # The Hugging Face cache layout: hub/models--<org>--<name>/{refs/main, snapshots/<commit>/...}.
+    repo = tmp_path / "hf_home" / "hub" / "models--tiny--qwen-chat"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(checkpoint, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+    script = f":conf do_sample=False\n{QUERY_1}\n{QUERY_2}\n:his\n"
+    status, out, err = run_demo(
+        "-c", "tiny/qwen-chat", "--cpu-only", "--max-new-tokens", str(MAX_NEW_TOKENS), stdin=script.encode(), env=env,
+    )
+    assert status == 0, err
+    assert err == ""
+    transcript = (
+        "[INFO] Generation config changed: do_sample = False\n"
+        f"User: {QUERY_1}\nQwen: {reply_1}\nUser: {QUERY_2}\nQwen: {reply_2}\n"
+    )
+    assert out.startswith(transcript)
+    shown = out[len(transcript):]
+    assert "History (2)" in shown and f"User[1]: {QUERY_2}\nQwen[1]: {reply_2}\n" in shown
+    assert "\x1b" not in out and PROMPT not in out and "Welcome" not in out
+
+
+def test_a_turn_that_the_model_refuses_is_an_error_and_the_chat_goes_on(checkpoint, tmp_path):
+    short = tmp_path / "short_context"
+    shutil.copytree(checkpoint, short)
+    edit_json(short / "config.json", seq_length=64, max_position_embeddings=64)
+    too_long = "hello " * 300
+    args = ["-c", str(short), "--cpu-only", "--max-new-tokens", str(MAX_NEW_TOKENS)]
+
+    status, out, err = run_demo(*args, stdin=f":conf do_sample=False\n{too_long}\n{QUERY_1}\n:his\n".encode())
+    assert status == 1
+    errors = error_lines(err)
+    assert len(errors) == 1 and "context" in errors[0], err
+    assert "Traceback" not in err
+    assert f"User: {too_long.strip()}\nUser: {QUERY_1}\nQwen: " in out  # no reply to the long one
+    assert "History (1)" in out and f"User[0]: {QUERY_1}\n" in out
+
+    status, out, err = run_demo(*args, "--prompt", too_long)
+    assert status == 1 and out == ""
+    assert len(error_lines(err)) == 1 and "context" in error_lines(err)[0], err
+
+
+def test_a_closed_output_pipe_ends_quietly(checkpoint):
+    child = subprocess.Popen(
+        [sys.executable, "cli_demo.py", "-c", checkpoint, "--cpu-only", "--max-new-tokens", "2", "--prompt", QUERY_1],
+        cwd=ROOT, env=_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    child.stdout.close()  # the reader (say `| head`) is gone before the reply is written
+    try:
+        err = child.stderr.read().decode("utf-8")
+        assert child.wait(timeout=RUN_TIMEOUT) == 1
+    finally:
+        child.kill()
+        child.stderr.close()
+    assert err == ""
+
+
+# -- checkpoints that cannot be used: one error line at start-up --------------------------------
+
+
+@pytest.fixture(scope="module")
+def unusable(checkpoint, tmp_path_factory):
+    from qwen.tools.export_qwen2 import export_qwen2
+    from qwen.tools.tiny_checkpoint import build
+
+    root = tmp_path_factory.mktemp("unusable")
+    broken = root / "broken_config"
+    shutil.copytree(checkpoint, broken)
+    edit_json(broken / "config.json", rope_scaling=5)  # transformers explains this one on two lines
+    (root / "empty").mkdir()
+    return {
+        "base": str(build(root / "base", chat=False, dtype="float32")),
+        "qwen2": str(export_qwen2(checkpoint, root / "qwen2")),
+        "empty": str(root / "empty"),
+        "broken_config": str(broken),
+    }
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("base", "is not a chat model: it has chat_format 'raw', a chat model has 'chatml'"),
+    ("qwen2", "is not a Qwen (v1) model: its config.json has model_type 'qwen2' (architectures: Qwen2ForCausalLM)"),
+    ("empty", "is empty"),
+    ("broken_config", "not iterable"),  # the second line of the message
+])
+def test_an_unusable_checkpoint_is_refused_at_start(unusable, kind, reason):
+    status, out, err = run_demo("-c", unusable[kind], "--cpu-only", stdin=f"{QUERY_1}\n".encode())
+    assert status == 2 and out == ""
+    assert "Traceback" not in err
+    errors = error_lines(err)
+    assert len(errors) == 1 and reason in errors[0] and unusable[kind] in errors[0], err
+    if kind != "broken_config":  # (that one also gets transformers' deprecation warning)
+        assert err == errors[0] + "\n"
+
+
+@pytest.mark.parametrize("hub", ["offline", "no_connection"])
+def test_the_default_checkpoint_fails_fast_without_the_hub(tmp_path, hub):
+    extra = {"HF_HUB_OFFLINE": "1"} if hub == "offline" else {"HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+    start = time.monotonic()
+    status, out, err = run_demo("--cpu-only", env=offline_env(tmp_path, **extra))  # -c Qwen/Qwen-7B-Chat
+    elapsed = time.monotonic() - start
+    assert status == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("error: checkpoint Qwen/Qwen-7B-Chat was not found locally"), err
+    assert "hub is unreachable" in err and "point -c at its local directory" in err
+    assert elapsed < 40  # transformers' own retries take about a minute
+
+
+def test_the_demo_tool_reports_an_unusable_checkpoint_in_one_line(unusable, tmp_path):
+    status, out, err = run_demo(unusable["base"], module="qwen.tools.demo")
+    assert status == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("error: checkpoint ") and "is not a chat model" in err, err
+    env = offline_env(tmp_path, HF_HUB_OFFLINE="1")
+    status, out, err = run_demo("missing_model", module="qwen.tools.demo", env=env)
+    assert status == 2 and out == ""
+    assert err.count("\n") == 1 and "point CHECKPOINT_DIR at its local directory" in err, err

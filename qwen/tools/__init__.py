@@ -3,6 +3,8 @@
 import sys
 from collections.abc import Callable
 
+from ..loading import error_text
+
 
 def run_cli_action(action: Callable[[], str]) -> int:
     """Run a tool's work: print its success message (exit 0), or a one-line `error:` for bad
@@ -10,7 +12,7 @@ def run_cli_action(action: Callable[[], str]) -> int:
     try:
         message = action()
     except (OSError, ValueError) as exc:  # missing, existing or unreadable paths; bad values
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {error_text(exc)}", file=sys.stderr)
         return 2
     print(message)
     return 0
