@@ -9,11 +9,19 @@ import pytest
 import torch
 
 from qwen import QWenLMHeadModel
+from qwen.machine import fingerprint
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GOLDEN = json.loads((FIXTURES / "tiny_model_golden.json").read_text())["cases"]
 CASES = {case["name"]: case for case in GOLDEN}
-ATOL = 1e-4
+ATOL = 1e-4  # fp32 logits, on any CPU
+# The golden set does not record its machine. Known: fp32, torch CPU capability AVX512 (inferred:
+# its kv_int8 decode steps reproduce within 5e-6 under AVX512 kernels, not under AVX2).
+GOLDEN_RECORDED_ON = {"torch_cpu_capability": "AVX512", "dtype": "float32"}
+# kv_int8 step logits on another class: the int8 cache's truncation turns last-bit differences
+# into whole quantization steps (measured up to 4.8e-3 under AVX2 and DEFAULT). The tokens stay
+# exact: every top-2 margin on these greedy paths is >= 0.0199, more than twice this bound.
+KV_INT8_OTHER_CPU_ATOL = 8e-3
 
 
 @lru_cache(maxsize=None)
@@ -59,14 +67,12 @@ def test_greedy_with_cache_matches_original(name, length):
     expected = torch.tensor(case[f"greedy_{length}"])
     tokens, step_logits = greedy_with_cache(load(name), torch.tensor(case[f"prompt_{length}"]), expected.shape[1])
     assert tokens.tolist() == expected.tolist()
-    # Golden step logits: steps 0, 1 and the forward over the last generated token. With the int8
-    # cache only the prefill is compared (the golden set promises "greedy tokens only" there): its
-    # decode-step logits differ from ours by up to 4e-3 at step 1, and so do those of the original
-    # code revision we could run (Qwen-72B's, Nov 2023), which matches ours bit for bit
-    # (test_model_original_extra.py); the tokens match exactly.
-    pairs = list(zip([step_logits[0], step_logits[1], step_logits[-1]], case[f"greedy_{length}_step_logits"]))
-    for got, want in pairs[:1] if name == "kv_int8" else pairs:
-        torch.testing.assert_close(got, torch.tensor(want).reshape(got.shape), atol=ATOL, rtol=0)
+    # Golden step logits: steps 0, 1 and the forward over the last generated token. kv_int8 off
+    # the golden's CPU class: within KV_INT8_OTHER_CPU_ATOL (tokens exact, checked above).
+    same_class = fingerprint()["torch_cpu_capability"] == GOLDEN_RECORDED_ON["torch_cpu_capability"]
+    atol = KV_INT8_OTHER_CPU_ATOL if name == "kv_int8" and not same_class else ATOL
+    for got, want in zip([step_logits[0], step_logits[1], step_logits[-1]], case[f"greedy_{length}_step_logits"]):
+        torch.testing.assert_close(got, torch.tensor(want).reshape(got.shape), atol=atol, rtol=0)
 
 
 @pytest.mark.parametrize("name", cases_with("logits_batch"))
