@@ -89,6 +89,7 @@ def resolve_checkpoint(path: str, path_option: str = "-c") -> str:
     """A local checkpoint directory, or a hub name to download from. A hub name already in the
     Hugging Face cache gives its cached directory when the hub cannot be reached. `path_option`
     is how the user passes the path (for the hint in the error messages)."""
+    path = os.fspath(path)
     if not path.strip():
         raise CheckpointNotFoundError(f"no checkpoint given: point {path_option} at a checkpoint directory")
     local = os.path.expanduser(path)
@@ -143,8 +144,9 @@ def _read_json(source: str, name: str, required: bool) -> dict | None:
     return data
 
 
-def check_chat_checkpoint(source: str) -> None:
-    """Refuse anything but a Qwen (v1) chat checkpoint, from its small JSON files alone."""
+def check_chat_checkpoint(source: str, chat: bool = True) -> None:
+    """Refuse anything but a Qwen (v1) checkpoint (a chat one unless `chat` is false), from its
+    small JSON files alone."""
     if os.path.isdir(source) and not os.listdir(source):
         raise CheckpointError(f"checkpoint directory {source} is empty")
     config = _read_json(source, "config.json", required=True)
@@ -161,6 +163,8 @@ def check_chat_checkpoint(source: str) -> None:
         for name in QWenTokenizer.vocab_files_names.values():
             if not os.path.isfile(os.path.join(source, name)):
                 raise CheckpointError(f"checkpoint {source} has no {name} (the tokenizer's vocabulary)")
+    if not chat:
+        return
     generation = _read_json(source, "generation_config.json", required=False) or {}
     chat_format = generation.get("chat_format")
     if chat_format != "chatml":
@@ -174,11 +178,16 @@ def check_chat_checkpoint(source: str) -> None:
 def load_chat_model(path: str, cpu_only: bool = False, path_option: str = "-c"):
     """(model in eval mode, tokenizer) of the Qwen (v1) chat checkpoint at `path` (a directory or a
     hub name). On the GPU(s) when there is one and `cpu_only` is false. Raises CheckpointError."""
+    return load_model(path, cpu_only=cpu_only, chat=True, path_option=path_option)
+
+
+def load_model(path: str, cpu_only: bool = False, chat: bool = True, path_option: str = "-c"):
+    """load_chat_model, also for base checkpoints when `chat` is false."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer  # `import qwen` registered our classes
 
     source = resolve_checkpoint(path, path_option)
-    check_chat_checkpoint(source)
+    check_chat_checkpoint(source, chat=chat)
     device_map = "cpu" if cpu_only or not torch.cuda.is_available() else "auto"
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)

@@ -382,7 +382,7 @@ class QWenPreTrainedModel(PreTrainedModel):
 
 def _as_cache(cache, past_key_values):
     cache = cache if cache is not None else past_key_values
-    if cache is not None and not isinstance(cache, Cache):
+    if cache is not None and not isinstance(cache, Cache) and not hasattr(cache, "row_starts"):
         raise TypeError(
             f"past_key_values must be a transformers Cache (e.g. qwen.QWenCache), not {type(cache).__name__}; "
             "legacy tuples are not supported on transformers 5"
@@ -432,6 +432,34 @@ class QWenModel(QWenPreTrainedModel):
         sin = torch.stack([tables[a][1] for a in alphas])[:, None]
         return cos, sin
 
+    def _row_layout(self, rows, query_len, dtype, device):
+        """Rotary, LogN and masks for a serving batch of independent sequences: row b holds the
+        tokens at positions rows.row_starts[b] + 0..query_len-1 and keeps its own dynamic-NTK alpha
+        (rows.row_alphas[b], chosen from its whole prompt), so it gets what it would get alone.
+        Positions are host integers: nothing here waits on the device."""
+        starts = list(rows.row_starts)
+        positions = torch.tensor(starts, device=device)[:, None] + torch.arange(query_len, device=device)
+        base = float(self.config.rotary_emb_base)
+        tables = [rotary_cos_sin(positions[b], self.rotary_dim, base, a) for b, a in enumerate(rows.row_alphas)]
+        rotary = torch.stack([c for c, _ in tables])[:, None], torch.stack([s for _, s in tables])[:, None]
+        key_len = max(starts) + query_len
+        seq_length = self.config.seq_length
+        logn = None
+        if self.config.use_logn_attn and key_len > seq_length:
+            logn = torch.cat([logn_factors(s, s + query_len, seq_length, device) for s in starts])
+        windows = [b.attn.window if b.attn.window and b.attn.window < key_len else None for b in self.h]
+        query_pos = positions[:, None, :, None]
+        key_pos = torch.arange(key_len, device=device)
+        biases = {}
+        for window in set(windows):
+            allowed = key_pos <= query_pos  # also hides the unused tail of shorter rows
+            if window:
+                allowed = allowed & (key_pos > query_pos - window)
+            biases[window] = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
+                ~allowed, torch.finfo(dtype).min
+            )
+        return rotary, logn, windows, biases
+
     def forward(
         self,
         input_ids=None,
@@ -456,7 +484,8 @@ class QWenModel(QWenPreTrainedModel):
             cache = QWenCache(self.config)
         if not use_cache:
             cache = None
-        if input_ids is not None and input_ids.numel():
+        rows = cache if hasattr(cache, "row_starts") else None  # a serving batch (qwen.serving)
+        if input_ids is not None and input_ids.numel() and rows is None:  # the engine checks at admission
             low, high = torch.aminmax(input_ids)
             if low < 0 or high >= self.config.vocab_size:
                 raise ValueError(
@@ -477,23 +506,27 @@ class QWenModel(QWenPreTrainedModel):
             if not bool(attention_mask.all()):
                 padding_mask = attention_mask
 
-        alphas = self._ntk_alphas(cache, query_len, key_len, padding_mask)
-        rotary = self._rotary(alphas, query_len, key_len, hidden_states.device)
-        logn = None
-        if self.config.use_logn_attn and not self.training and key_len > self.config.seq_length:
-            logn = logn_factors(key_len - query_len, key_len, self.config.seq_length, hidden_states.device)
-        # One additive mask per distinct window; None where plain causal (or nothing) suffices.
-        windows = [b.attn.window if b.attn.window and b.attn.window < key_len else None for b in self.h]
-        biases = {}
-        for window in set(windows):
-            if padding_mask is None and window is None and (query_len == 1 or query_len == key_len):
-                biases[window] = None
-            else:
-                biases[window] = attention_bias(
-                    padding_mask, query_len, key_len, window, hidden_states.dtype, hidden_states.device,
-                    manual=uses_manual_attention(self.config, output_attentions),
-                )
-        causal = query_len > 1 and query_len == key_len
+        if rows is not None:
+            rotary, logn, windows, biases = self._row_layout(rows, query_len, hidden_states.dtype, hidden_states.device)
+            causal = False
+        else:
+            alphas = self._ntk_alphas(cache, query_len, key_len, padding_mask)
+            rotary = self._rotary(alphas, query_len, key_len, hidden_states.device)
+            logn = None
+            if self.config.use_logn_attn and not self.training and key_len > self.config.seq_length:
+                logn = logn_factors(key_len - query_len, key_len, self.config.seq_length, hidden_states.device)
+            # One additive mask per distinct window; None where plain causal (or nothing) suffices.
+            windows = [b.attn.window if b.attn.window and b.attn.window < key_len else None for b in self.h]
+            biases = {}
+            for window in set(windows):
+                if padding_mask is None and window is None and (query_len == 1 or query_len == key_len):
+                    biases[window] = None
+                else:
+                    biases[window] = attention_bias(
+                        padding_mask, query_len, key_len, window, hidden_states.dtype, hidden_states.device,
+                        manual=uses_manual_attention(self.config, output_attentions),
+                    )
+            causal = query_len > 1 and query_len == key_len
 
         hidden_states = self.drop(hidden_states)
         all_hidden, all_attn = [], []

@@ -1,0 +1,130 @@
+"""Serving throughput and latency: the engine with continuous batching against the same engine
+with batching off (one sequence at a time, as the original openai_api.py served), and multi-turn
+time to first token with and without prefix reuse. One run, one random model.
+
+    python bench/serving.py [--shape half_b] [--dtype bfloat16] [--clients 1 4 8 16] [--new-tokens 32]
+
+It prints the machine and its read bandwidth, then per concurrency the aggregate tokens/s, time to
+first token and inter-token latency (medians over the clients and repeats) for both engines and
+their ratio, then the time to first token of each turn of a 5-turn chat with reuse on and off.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode import DTYPES, cpu_model, memory_read_bandwidth, random_qwen  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from qwen import QWenTokenizer, make_context  # noqa: E402
+from qwen.serving import Engine, SamplingParams  # noqa: E402
+from qwen.vocab import find_qwen_tiktoken  # noqa: E402
+
+SHAPES = {
+    "half_b": dict(hidden=1024, layers=24, heads=16, intermediate=5504),  # ~0.6B parameters with the full vocabulary
+    "tiny": dict(hidden=256, layers=4, heads=4, intermediate=1024),
+}
+
+
+def run_clients(engine, prompts, new_tokens):
+    """Every prompt streamed by its own thread at once: (tokens/s overall, TTFTs, inter-token gaps)."""
+    ttft, gaps, counts = [], [], []
+    lock = threading.Lock()
+    params = SamplingParams(max_new_tokens=new_tokens, do_sample=False)
+
+    def client(ids):
+        start = time.perf_counter()
+        times = [time.perf_counter() for out in engine.submit(ids, params) if out.token_ids]
+        with lock:
+            ttft.append(times[0] - start)
+            gaps.extend(b - a for a, b in zip(times, times[1:]))
+            counts.append(len(times))
+
+    threads = [threading.Thread(target=client, args=(ids,)) for ids in prompts]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - start), ttft, gaps
+
+
+def conversation_ttft(engine, tokenizer, turns, words, reply_tokens, tag):
+    """Time to first token of each turn of one chat whose user turns have `words` words each
+    (`tag` makes the chat's text its own, so nothing is reused from an earlier chat)."""
+    history, result = [], []
+    for turn in range(turns):
+        query = " ".join(f"{tag}word{turn}_{i}" for i in range(words))
+        ids = make_context(tokenizer, query, history=history, system="You are a helpful assistant.")[1]
+        start = time.perf_counter()
+        stream = iter(engine.submit(ids, SamplingParams(max_new_tokens=reply_tokens, do_sample=False)))
+        first = next(stream)
+        result.append(time.perf_counter() - start)
+        reply = first.token_ids + [t for out in stream for t in out.token_ids]
+        history.append((query, tokenizer.decode(reply)))
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="half_b")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--turns", type=int, default=5)
+    parser.add_argument("--turn-words", type=int, default=100, help="words per user turn in the multi-turn test")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"cpu: {cpu_model()} | capability {torch.backends.cpu.get_cpu_capability()} | "
+          f"torch threads {torch.get_num_threads()} | cores {os.cpu_count()} | load average {os.getloadavg()[0]:.2f}")
+    print(f"memory read bandwidth: {memory_read_bandwidth() / 1e9:.1f} GB/s (t.sum() over 1 GiB fp32, median of 5)")
+    tokenizer = QWenTokenizer(find_qwen_tiktoken())
+    model = random_qwen(SHAPES[args.shape], len(tokenizer), 8192, DTYPES[args.dtype], seed=0)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"model: {args.shape} {SHAPES[args.shape]}, {params / 1e9:.2f}B parameters, {args.dtype}")
+    context = max(args.prompt_len + args.new_tokens, args.turns * (3 * args.turn_words + 64)) + 64
+    batching = Engine(model, tokenizer, max_running=max(args.clients), max_context=context)
+    serial = Engine(model, tokenizer, max_running=1, max_context=context, max_waiting=1024, prefix_slots=0)
+    generator = torch.Generator().manual_seed(0)
+    print(f"\nprompt {args.prompt_len} tokens, {args.new_tokens} new tokens per client (greedy), {args.repeats} repeats")
+    print(f"{'clients':>7} {'engine':>9} {'tok/s':>8} {'TTFT ms':>9} {'ITL ms':>8}")
+    for clients in args.clients:
+        rates = {}
+        for name, engine in (("batching", batching), ("serial", serial)):
+            results = []
+            for _ in range(args.repeats):
+                prompts = [torch.randint(0, 150000, (args.prompt_len,), generator=generator).tolist() for _ in range(clients)]
+                results.append(run_clients(engine, prompts, args.new_tokens))
+            rates[name] = statistics.median(r[0] for r in results)
+            ttft = statistics.median(t for r in results for t in r[1])
+            gaps = [g for r in results for g in r[2]]
+            itl = statistics.median(gaps) if gaps else float("nan")
+            print(f"{clients:>7} {name:>9} {rates[name]:>8.1f} {ttft * 1e3:>9.0f} {itl * 1e3:>8.1f}")
+        print(f"{clients:>7} {'ratio':>9} {rates['batching'] / rates['serial']:>8.2f}x aggregate tokens/s, batching/serial")
+    serial.shutdown()
+    reuse_off = Engine(model, tokenizer, max_running=1, max_context=context, prefix_slots=0)
+    print(f"\nmulti-turn chat: {args.turns} turns of {args.turn_words} words, 8-token replies; TTFT ms per turn (median of {args.repeats})")
+    for name, engine in (("reuse on", batching), ("reuse off", reuse_off)):
+        runs = [conversation_ttft(engine, tokenizer, args.turns, args.turn_words, 8, f"{name[-2:]}{r}")
+                for r in range(args.repeats)]
+        per_turn = [statistics.median(run[i] for run in runs) for i in range(args.turns)]
+        print(f"{name:>10}: " + " ".join(f"{t * 1e3:7.0f}" for t in per_turn)
+              + f" | turn {args.turns}/turn 1 = {per_turn[-1] / per_turn[0]:.2f}")
+    batching.shutdown()
+    reuse_off.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""The engine's KV cache: one preallocated slot per running (or prefix-cached) sequence.
+
+Each layer holds keys and values [slots, heads, capacity, head_dim] in the model dtype, or uint8
+with a per-token scale and zero for the int8 cache (`use_cache_quantization`; each written chunk
+of a row is quantised as one group, as the original does per forward). Before a forward the engine
+says which slots the batch rows are and where each row starts (`select`); the model then reads
+`row_starts` / `row_alphas` for per-row positions and dynamic-NTK alphas, and every attention
+layer calls `update`, which writes the new keys and values into the rows' slots and returns the
+rows' keys and values up to the longest row (the mask hides each row's unused tail)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..modeling_qwen import dequantize_kv, quantize_kv
+
+
+class SlotKVCache:
+    def __init__(self, config, slots: int, capacity: int, dtype: torch.dtype, device):
+        self.slots, self.capacity = slots, capacity
+        self.int8 = bool(config.use_cache_quantization)
+        heads = config.num_attention_heads
+        head_dim = config.hidden_size // heads
+        shape = (slots, heads, capacity, head_dim)
+        store = torch.uint8 if self.int8 else dtype
+        self.keys = [torch.zeros(shape, dtype=store, device=device) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=store, device=device) for _ in range(config.num_hidden_layers)]
+        if self.int8:  # (scale, zero) per token, in the model dtype
+            params = (slots, heads, capacity, 1)
+            self.key_params = [tuple(torch.zeros(params, dtype=dtype, device=device) for _ in range(2)) for _ in self.keys]
+            self.value_params = [tuple(torch.zeros(params, dtype=dtype, device=device) for _ in range(2)) for _ in self.keys]
+        self.row_slots: list[int] = []
+        self.row_starts: list[int] = []
+        self.row_alphas: list[float] = []
+
+    def bytes(self) -> int:
+        tensors = self.keys + self.values
+        if self.int8:
+            tensors += [t for pair in self.key_params + self.value_params for t in pair]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def select(self, slots: list[int], starts: list[int], alphas: list[float]) -> None:
+        """The next forward's rows: slot, first position written, NTK alpha of each."""
+        self.row_slots, self.row_starts, self.row_alphas = list(slots), list(starts), list(alphas)
+        self._index = torch.tensor(self.row_slots, device=self.keys[0].device)
+        self._contiguous = self.row_slots == list(range(self.row_slots[0], self.row_slots[0] + len(self.row_slots)))
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return max(self.row_starts) if self.row_starts else 0
+
+    def _rows(self, t: torch.Tensor, length: int) -> torch.Tensor:
+        if self._contiguous:  # a view, no copy
+            return t[self.row_slots[0] : self.row_slots[0] + len(self.row_slots), :, :length]
+        return t.index_select(0, self._index)[:, :, :length]
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        length = key_states.shape[2]
+        end = max(self.row_starts) + length
+        if self.int8:
+            for states, store, params in (
+                (key_states, self.keys[layer_idx], self.key_params[layer_idx]),
+                (value_states, self.values[layer_idx], self.value_params[layer_idx]),
+            ):
+                q, scale, zero = quantize_kv(states)  # one group per (row, head) over the chunk
+                for row, (slot, start) in enumerate(zip(self.row_slots, self.row_starts)):
+                    store[slot, :, start : start + length] = q[row]
+                    params[0][slot, :, start : start + length] = scale[row]
+                    params[1][slot, :, start : start + length] = zero[row]
+            keys = dequantize_kv(self._rows(self.keys[layer_idx], end), *(self._rows(p, end) for p in self.key_params[layer_idx]))
+            values = dequantize_kv(
+                self._rows(self.values[layer_idx], end), *(self._rows(p, end) for p in self.value_params[layer_idx])
+            )
+            return keys, values
+        for row, (slot, start) in enumerate(zip(self.row_slots, self.row_starts)):
+            self.keys[layer_idx][slot, :, start : start + length] = key_states[row]
+            self.values[layer_idx][slot, :, start : start + length] = value_states[row]
+        return self._rows(self.keys[layer_idx], end), self._rows(self.values[layer_idx], end)

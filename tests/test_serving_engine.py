@@ -1,0 +1,232 @@
+"""qwen.serving.Engine on a real tiny chat checkpoint (fp32, real vocabulary): batching,
+cancellation, prefix reuse, limits, sampling, stop handling and streaming."""
+
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+
+import qwen
+from qwen.serving import Engine, EngineBusy, RequestError, SamplingParams
+from qwen.serving.text import TextAssembler
+from qwen.tools.tiny_checkpoint import build
+
+GREEDY = dict(do_sample=False)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("engine") / "chat", chat=True, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint):
+    engine = Engine.from_pretrained(checkpoint, max_running=4, max_waiting=16, prefill_chunk=16)
+    yield engine
+    engine.shutdown()
+
+
+def prompt(tokenizer, text):
+    return qwen.make_context(tokenizer, text, system="You are a helpful assistant.")[1]
+
+
+PROMPTS = ["Hello there", "Tell me a story about a dragon and a knight.", "你好", "1 2 3 4 5 6 7 8 9 10 11 12 13 14"]
+
+
+def wait_until(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_greedy_matches_model_generate(engine):
+    tok, model = engine.tokenizer, engine.model
+    for text in PROMPTS[:2]:
+        ids = prompt(tok, text)
+        out = engine.submit(ids, SamplingParams(max_new_tokens=10, repetition_penalty=1.1, **GREEDY)).result()
+        ref = model.generate(
+            torch.tensor([ids]), do_sample=False, max_new_tokens=10, repetition_penalty=1.1, eos_token_id=None,
+            top_p=None, top_k=None,
+        )
+        assert out.token_ids == ref[0, len(ids) :].tolist()
+        assert out.finish_reason == "length" and out.completion_tokens == 10 and out.prompt_tokens == len(ids)
+
+
+def test_batched_greedy_equals_solo(engine):
+    tok = engine.tokenizer
+    params = SamplingParams(max_new_tokens=12, **GREEDY)
+    solo = [engine.submit(prompt(tok, t), params).result().token_ids for t in PROMPTS]
+    streams = [engine.submit(prompt(tok, t), params) for t in PROMPTS]  # all four run together
+    assert [s.result().token_ids for s in streams] == solo
+
+
+def test_prompt_longer_than_a_prefill_chunk_gives_the_same_tokens(checkpoint, engine):
+    """prefill_chunk=16 splits this prompt into several chunks; one chunk must agree."""
+    ids = prompt(engine.tokenizer, " ".join(["word"] * 60))
+    params = SamplingParams(max_new_tokens=8, **GREEDY)
+    whole = Engine(engine.model, engine.tokenizer, max_running=1, prefill_chunk=4096)
+    try:
+        assert engine.submit(ids, params).result().token_ids == whole.submit(ids, params).result().token_ids
+    finally:
+        whole.shutdown()
+
+
+def test_seeded_sampling_is_reproducible_inside_a_batch(engine):
+    tok = engine.tokenizer
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=1234)
+    alone = engine.submit(prompt(tok, PROMPTS[0]), params).result().token_ids
+    noise = [engine.submit(prompt(tok, t), SamplingParams(max_new_tokens=12, seed=i)) for i, t in enumerate(PROMPTS[1:])]
+    together = engine.submit(prompt(tok, PROMPTS[0]), params)
+    assert together.result().token_ids == alone
+    for stream in noise:
+        stream.result()
+    other_seed = engine.submit(prompt(tok, PROMPTS[0]), SamplingParams(max_new_tokens=12, seed=4321)).result()
+    assert other_seed.token_ids != alone
+
+
+def test_cancelling_frees_the_slot_at_once(engine):
+    stream = engine.submit(prompt(engine.tokenizer, PROMPTS[1]), SamplingParams(max_new_tokens=500, **GREEDY))
+    iterator = iter(stream)
+    first = next(iterator)
+    assert first.token_ids
+    before = engine.stats().get("finished_cancelled_total", 0)
+    iterator.close()  # leaving the loop cancels
+    wait_until(lambda: engine.stats()["running"] == 0)
+    stats = engine.stats()
+    assert stats["finished_cancelled_total"] == before + 1
+    assert stats["generation_tokens_total"] < 10_000
+
+
+def test_next_turn_reuses_the_previous_turns_kv(checkpoint, engine):
+    """The prefix cache keeps a finished sequence's KV; the next turn prefills only the new tokens
+    and gives the logits a fresh prefill gives."""
+    tok = engine.tokenizer
+    first_ids = prompt(tok, PROMPTS[1])
+    first = engine.submit(first_ids, SamplingParams(max_new_tokens=6, **GREEDY)).result()
+    history = [(PROMPTS[1], tok.decode(first.token_ids))]
+    second_ids = qwen.make_context(tok, "And then?", history=history, system="You are a helpful assistant.")[1]
+    reused_prefix = first_ids + first.token_ids[:-1]
+    assert second_ids[: len(reused_prefix)] == reused_prefix  # the chat format extends the last turn
+    params = SamplingParams(max_new_tokens=6, logprobs=3, **GREEDY)
+    reused = engine.submit(second_ids, params).result()
+    assert reused.cached_tokens == len(reused_prefix)
+    fresh_engine = Engine(engine.model, engine.tokenizer, max_running=1, prefix_slots=0)
+    try:
+        fresh = fresh_engine.submit(second_ids, params).result()
+    finally:
+        fresh_engine.shutdown()
+    assert fresh.cached_tokens == 0
+    assert reused.token_ids == fresh.token_ids
+    got = torch.tensor([lp.logprob for lp in reused.logprobs])
+    want = torch.tensor([lp.logprob for lp in fresh.logprobs])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_stop_string_across_tokens_is_never_emitted(engine):
+    tok = engine.tokenizer
+    ids = prompt(tok, PROMPTS[0])
+    free = engine.submit(ids, SamplingParams(max_new_tokens=12, **GREEDY)).result()
+    pieces = [tok.decode([t]) for t in free.token_ids]
+    # A stop string that starts inside token 2 and ends inside token 3.
+    stop = pieces[2][-2:] + pieces[3][:2]
+    assert len(pieces[2]) >= 2 and len(pieces[3]) >= 2
+    outputs = list(engine.submit(ids, SamplingParams(max_new_tokens=12, stop=[stop], **GREEDY)))
+    text = "".join(o.text for o in outputs)
+    assert outputs[-1].finish_reason == "stop"
+    assert stop not in text
+    assert free.text.startswith(text) and free.text[len(text) :].startswith(stop)
+
+
+def test_stop_token_id_ends_the_reply_without_its_text(engine):
+    ids = prompt(engine.tokenizer, PROMPTS[0])
+    first = engine.submit(ids, SamplingParams(max_new_tokens=5, **GREEDY)).result().token_ids[0]
+    out = engine.submit(ids, SamplingParams(max_new_tokens=5, stop_token_ids=[first], **GREEDY)).result()
+    assert out.finish_reason == "stop" and out.text == "" and out.token_ids == [first]
+
+
+def test_text_assembler_never_splits_a_character(engine):
+    tok = engine.tokenizer
+    text = "a😀b中文🫠𓀀x"
+    ids = tok.encode(text)
+    assembler = TextAssembler(tok.tokenizer.decode_single_token_bytes)
+    parts = [assembler.add(t) for t in ids] + [assembler.finish()]
+    assert "".join(parts) == text
+    assert all("\ufffd" not in p for p in parts)
+    assert len(ids) > len(text)  # some characters really span several tokens
+
+
+def test_text_assembler_holds_back_a_possible_stop(engine):
+    tok = engine.tokenizer
+    assembler = TextAssembler(tok.tokenizer.decode_single_token_bytes, stop=["STOP"])
+    released = [assembler.add(t) for t in tok.encode("abc ST")]
+    assert "".join(released) == "abc "  # "ST" could start "STOP"
+    released = [assembler.add(t) for t in tok.encode("OP more")]
+    assert "".join(released) == "" and assembler.stopped
+
+
+def test_limits_are_clear_errors(engine):
+    tok = engine.tokenizer
+    with pytest.raises(RequestError, match="exceeds the context"):
+        engine.submit(prompt(tok, "hi"), SamplingParams(max_new_tokens=engine.max_context))
+    with pytest.raises(RequestError, match="empty"):
+        engine.submit([], SamplingParams())
+    with pytest.raises(RequestError, match="token ids"):
+        engine.submit([-1, 5], SamplingParams())
+    for bad, param in [(dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(max_new_tokens=0), "max_tokens"),
+                       (dict(temperature=float("nan")), "temperature"), (dict(top_k=-2), "top_k")]:
+        with pytest.raises(RequestError) as info:
+            engine.submit(prompt(tok, "hi"), SamplingParams(**bad))
+        assert info.value.param == param
+
+
+def test_a_full_queue_is_engine_busy(checkpoint, engine):
+    small = Engine(engine.model, engine.tokenizer, max_running=1, max_waiting=1)
+    try:
+        ids = prompt(engine.tokenizer, "hi")
+        long = SamplingParams(max_new_tokens=200, **GREEDY)
+        running = small.submit(ids, long)
+        wait_until(lambda: small.stats()["running"] == 1)
+        waiting = small.submit(ids, long)
+        with pytest.raises(EngineBusy):
+            small.submit(ids, long)
+        running.cancel()
+        waiting.cancel()
+        wait_until(lambda: small.stats()["running"] == 0 and small.stats()["waiting"] == 0)
+    finally:
+        small.shutdown()
+
+
+def test_streams_work_from_threads_and_event_loops(engine):
+    tok = engine.tokenizer
+    params = SamplingParams(max_new_tokens=8, **GREEDY)
+    expected = engine.submit(prompt(tok, PROMPTS[2]), params).result()
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(engine.submit(prompt(tok, PROMPTS[2]), params).result()))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.token_ids for r in results] == [expected.token_ids] * 3
+
+    async def main():
+        streams = [engine.submit(prompt(tok, PROMPTS[2]), params) for _ in range(3)]
+        return await asyncio.gather(*(s.async_result() for s in streams))
+
+    assert [r.text for r in asyncio.run(main())] == [expected.text] * 3
+
+
+def test_int8_cache_engine_matches_model_generate(checkpoint, tmp_path):
+    model = qwen.QWenLMHeadModel.from_pretrained(checkpoint, use_cache_quantization=True).eval()
+    engine = Engine(model, qwen.QWenTokenizer.from_pretrained(checkpoint), max_running=2, prefill_chunk=4096)
+    try:
+        ids = prompt(engine.tokenizer, PROMPTS[1])
+        out = engine.submit(ids, SamplingParams(max_new_tokens=8, **GREEDY)).result()
+        ref = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=8, eos_token_id=None,
+                             repetition_penalty=None, top_p=None, top_k=None)
+        assert out.token_ids == ref[0, len(ids) :].tolist()
+    finally:
+        engine.shutdown()
