@@ -29,7 +29,9 @@ from qwen.tools.export_qwen2 import to_qwen2  # noqa: E402
 
 SHAPES = {
     "default": dict(hidden=1024, layers=12, heads=16, intermediate=5504),
+    "half_b": dict(hidden=1024, layers=24, heads=16, intermediate=5504),  # ~0.6B with the full vocabulary
     "1_8b": dict(hidden=2048, layers=24, heads=16, intermediate=11008),  # Qwen-1.8B
+    "tiny": dict(hidden=64, layers=2, heads=4, intermediate=256),  # for smoke tests of the scripts
 }
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

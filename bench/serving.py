@@ -20,18 +20,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import DTYPES, cpu_model, memory_read_bandwidth, random_qwen  # noqa: E402
+from decode import DTYPES, SHAPES, cpu_model, memory_read_bandwidth, random_qwen  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from qwen import QWenTokenizer, make_context  # noqa: E402
 from qwen.serving import Engine, SamplingParams  # noqa: E402
 from qwen.vocab import find_qwen_tiktoken  # noqa: E402
-
-SHAPES = {
-    "half_b": dict(hidden=1024, layers=24, heads=16, intermediate=5504),  # ~0.6B parameters with the full vocabulary
-    "tiny": dict(hidden=256, layers=4, heads=4, intermediate=1024),
-}
-
 
 def run_clients(engine, prompts, new_tokens):
     """Every prompt streamed by its own thread at once: (tokens/s overall, TTFTs, inter-token gaps)."""
