@@ -230,3 +230,19 @@ def test_int8_cache_engine_matches_model_generate(checkpoint, tmp_path):
         assert out.token_ids == ref[0, len(ids) :].tolist()
     finally:
         engine.shutdown()
+
+
+def test_logits_processors_steer_every_step(engine):
+    """A request's processors (and the engine's own) see the generated ids and edit the logits."""
+    text = engine.tokenizer.encode("Action: search")
+    seen = []
+
+    def force(generated, logits):
+        seen.append(list(generated))
+        if len(generated) < len(text):
+            logits.fill_(float("-inf"))
+            logits[text[len(generated)]] = 0.0
+
+    out = engine.submit(prompt(engine.tokenizer, "hi"), SamplingParams(max_new_tokens=len(text) + 2, logits_processors=[force])).result()
+    assert out.text.startswith("Action: search")
+    assert seen[: len(text)] == [text[:i] for i in range(len(text))]

@@ -152,6 +152,7 @@ class Engine:
         prefill_chunk: int = 512,
         prefix_slots: int = 4,
         model_name: str = "qwen",
+        logits_processors: list | None = None,
     ):
         config = model.config
         for name, value in (("max_running", max_running), ("max_waiting", max_waiting), ("prefill_chunk", prefill_chunk)):
@@ -164,6 +165,7 @@ class Engine:
         self.model_name = model_name
         self.max_running, self.max_waiting, self.prefill_chunk = max_running, max_waiting, prefill_chunk
         self.vocab_limit = min(config.vocab_size, len(tokenizer))
+        self.logits_processors = list(logits_processors or [])  # applied to every request, before its own
         self.cache = SlotKVCache(config, max_running + prefix_slots, self.max_context, model.dtype, model.device)
         self._token_bytes = tokenizer.tokenizer.decode_single_token_bytes
         self._waiting: deque[_Sequence] = deque()
@@ -321,6 +323,8 @@ class Engine:
             row = row.clone()
             if params.mask_token_ids_from is not None:
                 row[params.mask_token_ids_from :] = float("-inf")
+            for processor in self.logits_processors + params.logits_processors:
+                processor(seq.generated, row)
             apply_penalties(row, params, seq.prompt + seq.generated, seq.counts)
             token = choose(row, params, seq.generator)
             logprob = [logprob_of(raw, token, params.logprobs)] if params.logprobs is not None else None

@@ -48,6 +48,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # end the reply; not part of its text
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob plus the top k
     mask_token_ids_from: int | None = None  # ids >= this are never sampled (the embedding's padding)
+    # Callables (generated_ids: list[int], logits: fp32 tensor [vocab]) -> None that edit the
+    # logits in place before sampling (constrained decoding, tests that force tokens).
+    logits_processors: list = field(default_factory=list)
 
     @property
     def greedy(self) -> bool:
