@@ -7,7 +7,6 @@ code: it imports only torch, transformers and its sibling files.
 
 import copy
 import math
-import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,14 +17,7 @@ from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
-from transformers.generation import (
-    GenerationMixin,
-    LogitsProcessor,
-    LogitsProcessorList,
-    StoppingCriteria,
-    StoppingCriteriaList,
-)
-from transformers.generation.streamers import BaseStreamer
+from transformers.generation import GenerationMixin, LogitsProcessorList
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
@@ -33,13 +25,12 @@ from .configuration_qwen import QWenConfig
 from .qwen_generation_utils import (
     DEFAULT_SYSTEM,
     StopWordsLogitsProcessor,
-    check_context_fits,
+    apply_generation_options,
+    chat,
+    chat_stream,
     check_generation_config,
-    check_history,
+    check_context_fits,
     check_local_checkpoint,
-    decode_tokens,
-    get_stop_words_ids,
-    make_context,
 )
 
 
@@ -550,74 +541,6 @@ class QWenModel(QWenPreTrainedModel):
         )
 
 
-def partial_reply(tokenizer, tokens: list[int]) -> str:
-    """The text chat_stream shows for the tokens generated so far: up to the first chatml end
-    marker, and without the newest token until a marker follows it. When generation ends at
-    max_new_tokens, decode_tokens (so chat(), and chat_stream's final value) drops that token;
-    holding it back keeps every value chat_stream yields a prefix of the next."""
-    stop_ids = (tokenizer.im_start_id, tokenizer.im_end_id)
-    cut = next((i for i, t in enumerate(tokens) if t in stop_ids), max(len(tokens) - 1, 0))
-    return tokenizer.decode(tokens[:cut], skip_special_tokens=True, errors="ignore").strip()
-
-
-class _StopWhenSet(StoppingCriteria):
-    """Ends generation for every sequence once `event` is set."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-class _MaskUndecodableIds(LogitsProcessor):
-    """The embedding is padded past the tokenizer (151936 vs 151851 ids); a trained model never
-    picks those ids, but a random one can, and chat() could not decode them: mask them out."""
-
-    def __init__(self, vocab_len: int):
-        self.vocab_len = vocab_len
-
-    def __call__(self, input_ids, scores):
-        scores[:, self.vocab_len :] = -float("inf")
-        return scores
-
-
-class _TokenQueue(BaseStreamer):
-    """Collects generated token ids from `generate` running in another thread."""
-
-    def __init__(self):
-        self.tokens: list[int] = []
-        self.event = threading.Condition()
-        self.done = False
-        self.skipped_prompt = False
-
-    def put(self, value):
-        if not self.skipped_prompt:  # the first call carries the prompt
-            self.skipped_prompt = True
-            return
-        with self.event:
-            self.tokens.extend(value.reshape(-1).tolist())
-            self.event.notify()
-
-    def end(self):
-        with self.event:
-            self.done = True
-            self.event.notify()
-
-
-def _apply_generation_options(config: GenerationConfig, options: dict) -> dict:
-    """Set the options that are generation-config fields (as GenerationConfig.update does) and
-    check the result with our clear errors first; returns the other options."""
-    rest = {}
-    for key, value in options.items():
-        if hasattr(config, key):
-            setattr(config, key, value)
-        else:
-            rest[key] = value
-    check_generation_config(config)
-    return rest
-
-
 def _parse_dtype(dtype):
     """None for "pick by the precision flags", else a floating torch.dtype; a clear error otherwise."""
     if dtype is None or dtype == "auto":
@@ -836,7 +759,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         generation_config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
         kwargs.pop("max_window_size", None)  # a chat() option the original forwards here
         stop_words_ids = kwargs.pop("stop_words_ids", None)
-        kwargs = _apply_generation_options(generation_config, kwargs)
+        kwargs = apply_generation_options(generation_config, kwargs)
         prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         if prompt is not None:
             check_context_fits(prompt.shape[1], generation_config, self.config.max_position_embeddings)
@@ -851,43 +774,6 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
             processors.append(StopWordsLogitsProcessor(stop_words_ids, eos_token_id=eos))
         return super().generate(inputs, generation_config=generation_config, logits_processor=processors, **kwargs)
 
-    def _chat_inputs(self, tokenizer, query, history, system, stop_words_ids, generation_config, kwargs):
-        generation_config = generation_config if generation_config is not None else self.generation_config
-        check_generation_config(generation_config)
-        chat_format = getattr(generation_config, "chat_format", None)
-        if chat_format != "chatml":
-            raise ValueError(
-                f"chat() needs a chat model: generation_config.chat_format is {chat_format!r}, expected 'chatml' "
-                "(this looks like a base model; use generate() instead)"
-            )
-        max_window_size = kwargs.get("max_window_size") or getattr(generation_config, "max_window_size", None)
-        if max_window_size is None:
-            raise ValueError("chat() needs max_window_size (in generation_config.json or as a keyword argument)")
-        _, context_tokens = make_context(
-            tokenizer, query, history=history, system=system, max_window_size=max_window_size, chat_format=chat_format
-        )
-        stop_words_ids = list(stop_words_ids or []) + get_stop_words_ids(chat_format, tokenizer)
-        # Fail before any compute when the reply cannot fit (keyword options win over the config).
-        limits = copy.deepcopy(generation_config)
-        _apply_generation_options(limits, {k: v for k, v in kwargs.items() if hasattr(limits, k)})
-        check_context_fits(len(context_tokens), limits, self.config.max_position_embeddings)
-        input_ids = torch.tensor([context_tokens], device=self.device)
-        return context_tokens, input_ids, stop_words_ids, generation_config
-
-    @staticmethod
-    def _decode_reply(tokenizer, output_ids, context_length, chat_format) -> str:
-        """The reply as chat() returns it, decoded from the generated tokens only: the original
-        cut the decoded prompt + reply at the prompt's character count, which loses the reply's
-        first characters when the prompt is not NFC-normalised (tokenising normalises it)."""
-        return decode_tokens(output_ids[context_length:], tokenizer, 0, 0, chat_format=chat_format, errors="replace")
-
-    def _chat_processors(self, tokenizer, logits_processor):
-        """The caller's processors (copied), plus a mask of the ids chat() could not decode."""
-        processors = LogitsProcessorList(logits_processor or [])
-        if self.config.vocab_size > len(tokenizer):
-            processors.append(_MaskUndecodableIds(len(tokenizer)))
-        return processors
-
     def chat(
         self,
         tokenizer,
@@ -900,23 +786,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         **kwargs,
     ):
         """One chat turn: returns (response, history + [(query, response)]); the caller's history is not changed."""
-        if stream is not None:
-            raise ValueError("chat() does not stream; use chat_stream()")
-        history = copy.deepcopy(check_history(history))
-        context_tokens, input_ids, stop_words_ids, generation_config = self._chat_inputs(
-            tokenizer, query, history, system, stop_words_ids, generation_config, kwargs
-        )
-        logits_processor = self._chat_processors(tokenizer, kwargs.pop("logits_processor", None))
-        outputs = self.generate(
-            input_ids,
-            stop_words_ids=stop_words_ids,
-            generation_config=generation_config,
-            logits_processor=logits_processor,
-            **kwargs,
-        )
-        response = self._decode_reply(tokenizer, outputs[0], len(context_tokens), generation_config.chat_format)
-        history.append((query, response))
-        return response, history
+        return chat(self, tokenizer, query, history, system, stream, stop_words_ids, generation_config, **kwargs)
 
     def chat_stream(
         self,
@@ -931,56 +801,9 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
     ) -> Iterator[str]:
         """Yield the cumulative response text as tokens arrive; the last value equals what chat()
         returns for the same (greedy) generation. History is neither copied nor updated."""
-        context_tokens, input_ids, stop_words_ids, generation_config = self._chat_inputs(
-            tokenizer, query, history, system, stop_words_ids, generation_config, kwargs
+        return chat_stream(
+            self, tokenizer, query, history, system, stop_words_ids, logits_processor, generation_config, **kwargs
         )
-        logits_processor = self._chat_processors(tokenizer, logits_processor)
-        queue = _TokenQueue()
-        result, failure = {}, []
-        # A consumer that stops iterating (break, close, Ctrl-C) also stops generation.
-        cancelled = threading.Event()
-        stopping = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
-        stopping.append(_StopWhenSet(cancelled))
-
-        def run():
-            try:
-                result["ids"] = self.generate(
-                    input_ids,
-                    stop_words_ids=stop_words_ids,
-                    generation_config=generation_config,
-                    logits_processor=logits_processor,
-                    stopping_criteria=stopping,
-                    streamer=queue,
-                    **kwargs,
-                )
-            except BaseException as exc:  # surfaced in the consumer thread
-                failure.append(exc)
-                queue.end()
-
-        worker = threading.Thread(target=run, daemon=True)
-        worker.start()
-        seen, last = 0, None
-        try:
-            while True:
-                with queue.event:
-                    while len(queue.tokens) == seen and not queue.done:
-                        queue.event.wait()
-                    tokens, done = list(queue.tokens), queue.done
-                seen = len(tokens)
-                text = partial_reply(tokenizer, tokens)
-                if text and text != last and not done:
-                    last = text
-                    yield text
-                if done:
-                    break
-        finally:
-            cancelled.set()
-            worker.join()
-        if failure:
-            raise failure[0]
-        final = self._decode_reply(tokenizer, result["ids"][0], len(context_tokens), generation_config.chat_format)
-        if final != last:
-            yield final
 
 
 # Files written next to saved weights so `trust_remote_code=True` loaders find our implementation,

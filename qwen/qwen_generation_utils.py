@@ -1,4 +1,5 @@
-"""Chat formats, stop words and response decoding for Qwen v1.
+"""Chat formats, stop words, response decoding and the chat turn itself (model.chat() and
+model.chat_stream() delegate here) for Qwen v1.
 
 This file is also copied into saved checkpoints as remote code, so it imports
 only the standard library, torch and transformers.
@@ -9,11 +10,16 @@ whole rendered string, and user text is encoded with ``allowed_special=set()``
 so that "<|im_end|>" typed by a user stays plain text.
 """
 
+import copy
 import os
+import threading
+from collections.abc import Iterator
 from numbers import Integral, Real
 
 import torch
-from transformers import LogitsProcessor
+from transformers import GenerationConfig, LogitsProcessor
+from transformers.generation import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -391,3 +397,207 @@ def switch(val1, val2, boolean):
     """Elementwise ``val2 if boolean else val1``."""
     boolean = boolean.type_as(val1)
     return (1 - boolean) * val1 + boolean * val2
+
+
+# ---------------------------------------------------------------------------
+# Chat turns: model.chat() and model.chat_stream() delegate here
+# ---------------------------------------------------------------------------
+
+
+def partial_reply(tokenizer, tokens: list[int]) -> str:
+    """The text chat_stream shows for the tokens generated so far: up to the first chatml end
+    marker, and without the newest token until a marker follows it. When generation ends at
+    max_new_tokens, decode_tokens (so chat(), and chat_stream's final value) drops that token;
+    holding it back keeps every value chat_stream yields a prefix of the next."""
+    stop_ids = (tokenizer.im_start_id, tokenizer.im_end_id)
+    cut = next((i for i, t in enumerate(tokens) if t in stop_ids), max(len(tokens) - 1, 0))
+    return tokenizer.decode(tokens[:cut], skip_special_tokens=True, errors="ignore").strip()
+
+
+class _StopWhenSet(StoppingCriteria):
+    """Ends generation for every sequence once `event` is set."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class _MaskUndecodableIds(LogitsProcessor):
+    """The embedding is padded past the tokenizer (151936 vs 151851 ids); a trained model never
+    picks those ids, but a random one can, and chat() could not decode them: mask them out."""
+
+    def __init__(self, vocab_len: int):
+        self.vocab_len = vocab_len
+
+    def __call__(self, input_ids, scores):
+        scores[:, self.vocab_len :] = -float("inf")
+        return scores
+
+
+class _TokenQueue(BaseStreamer):
+    """Collects generated token ids from `generate` running in another thread."""
+
+    def __init__(self):
+        self.tokens: list[int] = []
+        self.event = threading.Condition()
+        self.done = False
+        self.skipped_prompt = False
+
+    def put(self, value):
+        if not self.skipped_prompt:  # the first call carries the prompt
+            self.skipped_prompt = True
+            return
+        with self.event:
+            self.tokens.extend(value.reshape(-1).tolist())
+            self.event.notify()
+
+    def end(self):
+        with self.event:
+            self.done = True
+            self.event.notify()
+
+
+def apply_generation_options(config: GenerationConfig, options: dict) -> dict:
+    """Set the options that are generation-config fields (as GenerationConfig.update does) and
+    check the result with our clear errors first; returns the other options."""
+    rest = {}
+    for key, value in options.items():
+        if hasattr(config, key):
+            setattr(config, key, value)
+        else:
+            rest[key] = value
+    check_generation_config(config)
+    return rest
+
+
+def _chat_inputs(model, tokenizer, query, history, system, stop_words_ids, generation_config, kwargs):
+    generation_config = generation_config if generation_config is not None else model.generation_config
+    check_generation_config(generation_config)
+    chat_format = getattr(generation_config, "chat_format", None)
+    if chat_format != "chatml":
+        raise ValueError(
+            f"chat() needs a chat model: generation_config.chat_format is {chat_format!r}, expected 'chatml' "
+            "(this looks like a base model; use generate() instead)"
+        )
+    max_window_size = kwargs.get("max_window_size") or getattr(generation_config, "max_window_size", None)
+    if max_window_size is None:
+        raise ValueError("chat() needs max_window_size (in generation_config.json or as a keyword argument)")
+    _, context_tokens = make_context(
+        tokenizer, query, history=history, system=system, max_window_size=max_window_size, chat_format=chat_format
+    )
+    stop_words_ids = list(stop_words_ids or []) + get_stop_words_ids(chat_format, tokenizer)
+    # Fail before any compute when the reply cannot fit (keyword options win over the config).
+    limits = copy.deepcopy(generation_config)
+    apply_generation_options(limits, {k: v for k, v in kwargs.items() if hasattr(limits, k)})
+    check_context_fits(len(context_tokens), limits, model.config.max_position_embeddings)
+    input_ids = torch.tensor([context_tokens], device=model.device)
+    return context_tokens, input_ids, stop_words_ids, generation_config
+
+def _decode_reply(tokenizer, output_ids, context_length, chat_format) -> str:
+    """The reply as chat() returns it, decoded from the generated tokens only: the original
+    cut the decoded prompt + reply at the prompt's character count, which loses the reply's
+    first characters when the prompt is not NFC-normalised (tokenising normalises it)."""
+    return decode_tokens(output_ids[context_length:], tokenizer, 0, 0, chat_format=chat_format, errors="replace")
+
+def _chat_processors(model, tokenizer, logits_processor):
+    """The caller's processors (copied), plus a mask of the ids chat() could not decode."""
+    processors = LogitsProcessorList(logits_processor or [])
+    if model.config.vocab_size > len(tokenizer):
+        processors.append(_MaskUndecodableIds(len(tokenizer)))
+    return processors
+
+def chat(
+model,
+    tokenizer,
+    query: str,
+    history=None,
+    system: str = DEFAULT_SYSTEM,
+    stream=None,
+    stop_words_ids=None,
+    generation_config: GenerationConfig | None = None,
+    **kwargs,
+):
+    """One chat turn: returns (response, history + [(query, response)]); the caller's history is not changed."""
+    if stream is not None:
+        raise ValueError("chat() does not stream; use chat_stream()")
+    history = copy.deepcopy(check_history(history))
+    context_tokens, input_ids, stop_words_ids, generation_config = _chat_inputs(model, 
+        tokenizer, query, history, system, stop_words_ids, generation_config, kwargs
+    )
+    logits_processor = _chat_processors(model, tokenizer, kwargs.pop("logits_processor", None))
+    outputs = model.generate(
+        input_ids,
+        stop_words_ids=stop_words_ids,
+        generation_config=generation_config,
+        logits_processor=logits_processor,
+        **kwargs,
+    )
+    response = _decode_reply(tokenizer, outputs[0], len(context_tokens), generation_config.chat_format)
+    history.append((query, response))
+    return response, history
+
+def chat_stream(
+model,
+    tokenizer,
+    query: str,
+    history=None,
+    system: str = DEFAULT_SYSTEM,
+    stop_words_ids=None,
+    logits_processor=None,
+    generation_config: GenerationConfig | None = None,
+    **kwargs,
+) -> Iterator[str]:
+    """Yield the cumulative response text as tokens arrive; the last value equals what chat()
+    returns for the same (greedy) generation. History is neither copied nor updated."""
+    context_tokens, input_ids, stop_words_ids, generation_config = _chat_inputs(model, 
+        tokenizer, query, history, system, stop_words_ids, generation_config, kwargs
+    )
+    logits_processor = _chat_processors(model, tokenizer, logits_processor)
+    queue = _TokenQueue()
+    result, failure = {}, []
+    # A consumer that stops iterating (break, close, Ctrl-C) also stops generation.
+    cancelled = threading.Event()
+    stopping = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
+    stopping.append(_StopWhenSet(cancelled))
+
+    def run():
+        try:
+            result["ids"] = model.generate(
+                input_ids,
+                stop_words_ids=stop_words_ids,
+                generation_config=generation_config,
+                logits_processor=logits_processor,
+                stopping_criteria=stopping,
+                streamer=queue,
+                **kwargs,
+            )
+        except BaseException as exc:  # surfaced in the consumer thread
+            failure.append(exc)
+            queue.end()
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    seen, last = 0, None
+    try:
+        while True:
+            with queue.event:
+                while len(queue.tokens) == seen and not queue.done:
+                    queue.event.wait()
+                tokens, done = list(queue.tokens), queue.done
+            seen = len(tokens)
+            text = partial_reply(tokenizer, tokens)
+            if text and text != last and not done:
+                last = text
+                yield text
+            if done:
+                break
+    finally:
+        cancelled.set()
+        worker.join()
+    if failure:
+        raise failure[0]
+    final = _decode_reply(tokenizer, result["ids"][0], len(context_tokens), generation_config.chat_format)
+    if final != last:
+        yield final

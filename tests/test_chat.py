@@ -14,7 +14,7 @@ import torch
 from transformers import LogitsProcessor
 
 import qwen
-from qwen.modeling_qwen import partial_reply
+from qwen.qwen_generation_utils import partial_reply
 from qwen.qwen_generation_utils import decode_tokens, get_stop_words_ids, make_context
 from qwen.tools.tiny_checkpoint import build
 
