@@ -170,7 +170,7 @@ class Engine:
         self._token_bytes = tokenizer.tokenizer.decode_single_token_bytes
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
-        self._free_slots = list(range(self.cache.slots))
+        self._free_slots = list(range(self.cache.slots))[::-1]  # pop() gives the lowest: rows stay contiguous
         self._idle_slots: dict[int, tuple[list[int], float]] = {}  # slot -> (tokens with KV, alpha), LRU order
         self._lock = threading.Condition()
         self._closed = False

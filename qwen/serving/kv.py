@@ -51,7 +51,7 @@ class SlotKVCache:
     def _rows(self, t: torch.Tensor, length: int) -> torch.Tensor:
         if self._contiguous:  # a view, no copy
             return t[self.row_slots[0] : self.row_slots[0] + len(self.row_slots), :, :length]
-        return t.index_select(0, self._index)[:, :, :length]
+        return t[:, :, :length].index_select(0, self._index)  # copies only the rows' used part
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         length = key_states.shape[2]
