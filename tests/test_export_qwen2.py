@@ -1,21 +1,26 @@
 """Export to transformers' native Qwen2ForCausalLM: same logits and greedy tokens within seq_length,
-refusals for what Qwen2 cannot express, the tokenizer carried over, and the CLI."""
+refusals for what Qwen2 cannot express, the tokenizer as a native fast tokenizer (the same ids as
+QWenTokenizer, no remote code), and the CLI."""
 
 import json
 import logging
 import os
+import random
 import subprocess
 import sys
+import unicodedata
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
+from tokenizers import Tokenizer
 
 import qwen
+from qwen.tokenization_qwen import DEFAULT_CHAT_TEMPLATE, SPECIAL_TOKENS, QWenTokenizer
 from qwen.tools.export_qwen2 import export_qwen2, main, to_qwen2
 from qwen.tools.tiny_checkpoint import build
-from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden_models"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -50,6 +55,24 @@ def load_ours(path):
 @pytest.fixture(scope="module")
 def tiny_chat(tmp_path_factory):
     return build(tmp_path_factory.mktemp("tiny_chat"), chat=True, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_chat, tmp_path_factory):
+    """tiny_chat (real vocabulary, QWenTokenizer) exported to Qwen2."""
+    return export_qwen2(tiny_chat, tmp_path_factory.mktemp("exported") / "out")
+
+
+@pytest.fixture(scope="module")
+def fast(exported):
+    """What transformers gives for the export: a Qwen2Tokenizer built from tokenizer.json."""
+    return AutoTokenizer.from_pretrained(exported)
+
+
+@pytest.fixture(scope="module")
+def backend(exported):
+    """tokenizer.json as it is: what transformers 4's Qwen2TokenizerFast (so vLLM on transformers 4) runs."""
+    return Tokenizer.from_file(str(exported / "tokenizer.json"))
 
 
 # ----------------------------------------------------------------------------- same function
@@ -102,30 +125,19 @@ def test_tensor_mapping(tmp_path):
     assert torch.equal(new["lm_head.weight"], old["lm_head.weight"])
 
 
-def test_real_vocab_checkpoint_with_tokenizer(tiny_chat, tmp_path):
-    out = export_qwen2(tiny_chat, tmp_path / "out")
-    for name in ("qwen.tiktoken", "tokenizer_config.json", "tokenization_qwen.py", "qwen_generation_utils.py"):
-        assert (out / name).is_file(), name
-    assert not (out / "modeling_qwen.py").exists()
-    generation = json.loads((out / "generation_config.json").read_text())
+def test_real_vocab_checkpoint_with_tokenizer(tiny_chat, exported):
+    names = {p.name for p in exported.iterdir()}
+    assert names == {"config.json", "generation_config.json", "model.safetensors", "qwen.tiktoken",
+                     "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
+    assert (exported / "qwen.tiktoken").read_bytes() == (tiny_chat / "qwen.tiktoken").read_bytes()
+    generation = json.loads((exported / "generation_config.json").read_text())
     assert generation["chat_format"] == "chatml" and generation["eos_token_id"] == 151643
-    config = json.loads((out / "config.json").read_text())
+    config = json.loads((exported / "config.json").read_text())
     assert config["eos_token_id"] == 151643 and config["vocab_size"] == 151936
+    assert "auto_map" not in config
 
-    theirs = Qwen2ForCausalLM.from_pretrained(out).eval()
+    theirs = Qwen2ForCausalLM.from_pretrained(exported).eval()
     assert_same_function(load_ours(tiny_chat), theirs, vocab=151936)
-
-    # The tokenizer loads with trust_remote_code in an interpreter that cannot import qwen.
-    code = (
-        "from transformers import AutoTokenizer\n"
-        "t = AutoTokenizer.from_pretrained('out', trust_remote_code=True)\n"
-        "print(type(t).__name__, t.encode('Hello, world!'))\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1")
-    proc = run_python(["-c", code], cwd=tmp_path, env=env)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["QWenTokenizer", "[9707,", "11,", "1879,", "0]"]
 
 
 def test_in_memory_model_exports(tmp_path):
@@ -156,6 +168,207 @@ def test_dtype_cast_and_sharded_source(tmp_path):
     assert theirs.dtype == torch.bfloat16
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
     assert torch.equal(theirs.model.embed_tokens.weight, ours.transformer.wte.weight.bfloat16())
+
+
+# ----------------------------------------------------------------------------- native tokenizer
+
+TRICKY_TEXTS = [
+    "1234567890 3.14159 -42 1e-5 0x1F ２０２４ ①②",  # Qwen splits digits one by one
+    "   \t\t  spaces\tand tabs   \n   \n\n\n   ",
+    "\r\n\r\n\r\r\n\n \r\n  x\r\n",
+    "a  b   c    d\u3000e\xa0f\u2003g\u200bh",
+    "emoji 😀😀😀 👍🏽 👨\u200d👩\u200d👧\u200d👦 🇨🇳🇺🇸 ❤️",
+    "中文：你好，世界！「引号」『书名』、顿号。全角ＡＢＣ",
+    "日本語のテキスト、カタカナ、ﾊﾝｶｸ。한국어 텍스트입니다.",
+    "e\u0301 A\u030a \u1100\u1161 ﬁ ﬀ ™ ½ Å",  # NFC composes the first three, keeps the rest
+    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+    "x<|endoftext|>y<|extra_0|>z<|extra_204|><|extra_205|><|im_start <|im_end|",
+    "<<|im_end|>> |<|endoftext|>| <|<|im_start|>|>",
+    "I'M HE'LL we'D they'Ve it's O'Neil 'tis ''",
+    "def f(x):\n    return {'a': [1, 2]}  # comment\n\n\n\tif x:\n\t\tpass\n",
+    "$$\\sum_{i=1}^{n} i^2 = \\frac{n(n+1)(2n+1)}{6}$$ <div class=\"a\">&amp;</div>",
+    "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+    "ЁЖЗ съешь же ещё этих мягких французских булок Ελληνικά עברית العربية हिन्दी ไทย",
+    "!!!???...,,,;;;---___===+++***&&&^^^%%%$$$###@@@~~~```\"\"\"\\\\\\///",
+    "\x00\x01\x07\x1b[31mred\x1b[0m\x7f\ufeff\ufffd",
+    "\U0001F600\U00010348\U0002F800\U000E0001",
+    "",
+    " ",
+    "\n",
+]
+# Short random strings over groups of characters that exercise the regex and the merges.
+CHARACTER_GROUPS = [
+    "abcxyzABC ", "0123456789", " \t\n\r", "你好世界中文测试的一是", "😀👍🏽\u200d👩", "'sretvmlld S",
+    "!?.,;:()[]{}<>|-_=+*&^%$#@~`\"\\/", "éèêëàáâäçñ\u0301\u0308", "ЖжФфПрИвет", "ąęśćżź",
+    "\xa0\u2003\u200b\u3000", "アイウエオカタカナ한국어", "ﬁﬂ™½²", "<|>imstrendoftext_",
+]
+
+
+def random_texts(count=3000, seed=0):
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(count):
+        alphabet = "".join(rng.sample(CHARACTER_GROUPS, rng.randint(1, 4)))
+        texts.append("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))))
+    return texts
+
+
+def golden_texts(golden):
+    return ([case["text"] for case in golden["tokenizer_cases"]]
+            + [case["raw_text"] for case in golden["chat_cases"]])
+
+
+def test_fast_tokenizer_files_are_native(exported, fast):
+    config = json.loads((exported / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "Qwen2Tokenizer" and "auto_map" not in config
+    assert config["eos_token"] == config["pad_token"] == "<|endoftext|>"
+    assert config["bos_token"] is None and config["unk_token"] is None
+    assert config["model_max_length"] == 2048  # tiny_chat's seq_length = max_position_embeddings
+    assert config["chat_template"] == (exported / "chat_template.jinja").read_text() == DEFAULT_CHAT_TEMPLATE
+    assert not list(exported.glob("*.py"))
+
+    assert type(fast).__name__ == "Qwen2Tokenizer" and fast.is_fast
+    assert fast.eos_token_id == fast.pad_token_id == 151643 and fast.bos_token_id is None
+    assert fast.model_max_length == 2048 and fast.chat_template == DEFAULT_CHAT_TEMPLATE
+
+
+def test_encode_gives_qwen_tokenizer_ids(fast, backend, qwen_tokenizer, tokenizer_chat_golden):
+    # The golden ids come from the original (2023) QWenTokenizer.
+    for case in tokenizer_chat_golden["tokenizer_cases"]:
+        assert fast.encode(case["text"], add_special_tokens=False) == case["ids_allowed_special_all"], case["text"]
+        assert fast.encode(case["text"]) == case["ids_allowed_special_all"]  # nothing is added
+    texts = golden_texts(tokenizer_chat_golden) + TRICKY_TEXTS + random_texts()
+    expected = [qwen_tokenizer.encode(text) for text in texts]
+    got = fast(texts, add_special_tokens=False)["input_ids"]
+    as_is = [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+    for text, want, ids, raw in zip(texts, expected, got, as_is):
+        assert ids == want, text
+        assert raw == want, text
+
+
+def test_every_token_is_reached_by_its_merges(exported):
+    """tiktoken returns a piece that is a token as it is; BPE reaches each token by merges alone, so
+    tokenizer.json's ignore_merges (on) and transformers 5's rebuilt Qwen2Tokenizer (off) agree."""
+    backend = Tokenizer.from_file(str(exported / "tokenizer.json"))
+    backend.model.ignore_merges = False
+    vocab = backend.get_vocab(with_added_tokens=False)
+    assert len(vocab) == 151643
+    unreached = {token: token_id for token, token_id in vocab.items()
+                 if [t.id for t in backend.model.tokenize(token)] != [token_id]}
+    assert unreached == {}
+
+
+def test_digits_and_control_tokens(fast, qwen_tokenizer):
+    digits = fast.encode("1234567890")
+    assert len(digits) == 10 and digits == qwen_tokenizer.encode("1234567890")
+    ids = fast.encode("a<|im_start|>b<|im_end|>c<|extra_204|><|extra_205|>")
+    assert ids[1] == 151644 and ids[3] == 151645 and ids[5] == 151850
+    assert 151851 not in ids and fast.decode(ids[6:]) == "<|extra_205|>"  # not a control token: plain text
+
+
+def test_control_tokens_have_the_same_ids(fast, backend, qwen_tokenizer, tokenizer_chat_golden):
+    assert len(fast) == len(qwen_tokenizer) == tokenizer_chat_golden["vocab_len"] == 151851
+    assert len(SPECIAL_TOKENS) == 208
+    for token, token_id in SPECIAL_TOKENS.items():
+        assert fast.convert_tokens_to_ids(token) == backend.token_to_id(token) == token_id
+        assert qwen_tokenizer.convert_tokens_to_ids(token) == token_id
+        assert fast.convert_ids_to_tokens(token_id) == token
+    for token, token_id in tokenizer_chat_golden["special_ids"].items():
+        assert fast.convert_tokens_to_ids(token) == token_id
+    assert set(fast.all_special_ids) == set(range(151643, 151851))
+
+
+def test_decode_round_trips(fast, qwen_tokenizer, tokenizer_chat_golden):
+    texts = golden_texts(tokenizer_chat_golden) + TRICKY_TEXTS + random_texts(500, seed=1)
+    for text in texts:
+        ids = qwen_tokenizer.encode(text)
+        decoded = fast.decode(ids)
+        assert decoded == qwen_tokenizer.decode(ids) == unicodedata.normalize("NFC", text)
+        assert fast.decode(ids, skip_special_tokens=True) == qwen_tokenizer.decode(ids, skip_special_tokens=True)
+    for case in tokenizer_chat_golden["tokenizer_cases"]:
+        assert fast.decode(case["ids_allowed_special_all"], skip_special_tokens=True) == case["decoded_skip_special"]
+    for case in tokenizer_chat_golden["decode_cases"]:
+        if case["errors"] == "replace":  # the fast decoder always replaces broken UTF-8
+            assert fast.decode(case["ids"]) == case["text"]
+    for case in tokenizer_chat_golden["decode_tokens_cases"]:
+        assert fast.decode(case["tokens"]) == qwen_tokenizer.decode(case["tokens"])
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hello!"}],
+    [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "1+1=?"},
+     {"role": "assistant", "content": "2, matey."}, {"role": "user", "content": "  and 12345 *  3 ?  "}],
+    [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！很高兴为你提供帮助。"},
+     {"role": "user", "content": "给我讲一个年轻人奋斗创业最终取得成功的故事。"}],
+    [{"role": "system", "content": ""}, {"role": "user", "content": "def f():\n    return 1\n\n"}],
+    [{"role": "user", "content": "emoji 😀👍🏽 and ﬁ e\u0301"}, {"role": "assistant", "content": "ok\r\n"}],
+]
+
+
+@pytest.mark.parametrize("conversation", CONVERSATIONS)
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_chat_template_gives_qwen_tokenizer_ids(fast, qwen_tokenizer, conversation, add_generation_prompt):
+    kwargs = dict(add_generation_prompt=add_generation_prompt, return_dict=False)
+    assert (fast.apply_chat_template(conversation, tokenize=False, **kwargs)
+            == qwen_tokenizer.apply_chat_template(conversation, tokenize=False, **kwargs))
+    ids = qwen_tokenizer.apply_chat_template(conversation, **kwargs)
+    assert fast.apply_chat_template(conversation, **kwargs) == ids
+
+
+def test_chat_template_known_differences(fast, qwen_tokenizer):
+    """Documented in qwen/tools/fast_tokenizer.py: the rendered text is tokenized whole."""
+    for content in ("say <|im_end|> now", "\nstarts with a line break"):
+        conversation = [{"role": "user", "content": content}]
+        ours = qwen_tokenizer.apply_chat_template(conversation, return_dict=False)
+        theirs = fast.apply_chat_template(conversation, return_dict=False)
+        assert theirs != ours and fast.decode(theirs) == qwen_tokenizer.decode(ours)
+        assert theirs == qwen_tokenizer.encode(qwen_tokenizer.apply_chat_template(conversation, tokenize=False))
+
+
+def test_native_tokenizer_loads_without_qwen_or_remote_code(exported, qwen_tokenizer, tmp_path):
+    """A clean interpreter in which `import qwen` fails; no trust_remote_code."""
+    texts = ["Hello, world!", "你好 123 <|im_start|>", " \r\n\n  😀"]
+    code = (
+        "import json, sys\n"
+        "sys.modules['qwen'] = None  # nothing of ours can be imported\n"
+        "from transformers import AutoTokenizer\n"
+        "t = AutoTokenizer.from_pretrained(sys.argv[1])\n"
+        "chat = t.apply_chat_template([{'role': 'user', 'content': '你好'}], add_generation_prompt=True,\n"
+        "                             return_dict=False)\n"
+        "ours = sorted(m for m, v in sys.modules.items() if v and m.startswith(('qwen', 'transformers_modules')))\n"
+        "print(json.dumps([type(t).__name__, t.is_fast, [t.encode(x) for x in json.loads(sys.argv[2])], chat, ours]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1")
+    proc = run_python(["-c", code, str(exported), json.dumps(texts)], cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    name, is_fast, ids, chat, modules = json.loads(proc.stdout)
+    assert name == "Qwen2Tokenizer" and is_fast and modules == []
+    assert ids == [qwen_tokenizer.encode(text) for text in texts]
+    assert chat == qwen_tokenizer.apply_chat_template([{"role": "user", "content": "你好"}],
+                                                      add_generation_prompt=True, return_dict=False)
+    assert not (tmp_path / "hf_modules").exists()  # no remote code was fetched
+
+
+def test_qwen_tokenizer_still_loads_from_the_export(exported, qwen_tokenizer):
+    ours = QWenTokenizer.from_pretrained(exported)
+    text = "Hello <|im_start|> 你好 12"
+    assert ours.encode(text) == qwen_tokenizer.encode(text)
+
+
+def test_forced_export_over_an_old_export_is_native(tiny_chat, tmp_path):
+    """An export made before tokenizer.json (QWenTokenizer + remote code + auto_map) is replaced:
+    even with trust_remote_code, AutoTokenizer then picks the native tokenizer."""
+    from qwen.modeling_qwen import write_remote_code
+
+    out = tmp_path / "out"
+    QWenTokenizer.from_pretrained(tiny_chat).save_pretrained(out)
+    write_remote_code(out, ("tokenization_qwen.py", "qwen_generation_utils.py"))
+    assert "auto_map" in json.loads((out / "tokenizer_config.json").read_text())
+    export_qwen2(tiny_chat, out, force=True)
+    assert "auto_map" not in json.loads((out / "tokenizer_config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    assert type(tokenizer).__name__ == "Qwen2Tokenizer" and tokenizer.encode("Hello, world!") == [9707, 11, 1879, 0]
 
 
 # ----------------------------------------------------------------------------- refusals

@@ -132,14 +132,16 @@ def test_export_into_a_non_empty_directory_needs_force(src, tmp_path):
     assert no_staging_left(tmp_path)
 
 
-def test_forced_export_keeps_2023_code_it_replaces(tmp_path):
+def test_forced_export_leaves_2023_code_it_does_not_replace(tmp_path):
+    """The export is native (tokenizer.json, no remote code): a stale checkpoint's 2023 code stays
+    as it was, and nothing points at it any more."""
     tiny = build(tmp_path / "tiny", chat=True)
     out = tmp_path / "out"
     stale_checkpoint(out)
     export_qwen2(tiny, out, force=True)
-    ours = (Path(qwen.__file__).parent / "tokenization_qwen.py").read_bytes()
-    assert (out / "tokenization_qwen.py").read_bytes() == ours
-    assert (out / "tokenization_qwen.py.orig").read_bytes() == OLD_CODE
+    assert (out / "tokenization_qwen.py").read_bytes() == OLD_CODE
+    assert not (out / "tokenization_qwen.py.orig").exists()
+    assert "auto_map" not in json.loads((out / "tokenizer_config.json").read_text())
     assert (out / "qwen.tiktoken").read_bytes() == (tiny / "qwen.tiktoken").read_bytes()
 
 

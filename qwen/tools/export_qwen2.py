@@ -8,9 +8,16 @@ c_attn is split into q/k/v (with bias), w2 is the gate, w1 the up projection, c_
 projection. Dynamic NTK and LogN (active only beyond seq_length) have no Qwen2 equivalent and
 are dropped, so max_position_embeddings is set to seq_length. In fp32 the logits are identical; in
 bf16/fp16 Qwen2 applies RoPE in the model dtype (we do it in fp32), so logits differ by bf16 rounding
-and greedy tokens can part at near-ties. The tokenizer, when SRC has one, is written with its remote
-code (it still needs trust_remote_code). OUT may not be SRC nor contain it, and a non-empty OUT is
+and greedy tokens can part at near-ties. OUT may not be SRC nor contain it, and a non-empty OUT is
 refused unless --force; a refused or failed export leaves OUT as it was (see qwen/tools/output_dir.py).
+
+OUT holds config.json, generation_config.json (SRC's, copied) and model.safetensors (or shards and
+their index). When SRC has a tokenizer (qwen.tiktoken), OUT also gets a transformers-native fast
+tokenizer: tokenizer.json, tokenizer_config.json (class Qwen2Tokenizer, eos = pad = <|endoftext|>,
+model_max_length = seq_length) and chat_template.jinja (QWenTokenizer's chatml template), which give
+QWenTokenizer's ids (see qwen/tools/fast_tokenizer.py for the two known differences); and a copy of
+qwen.tiktoken, so `qwen.QWenTokenizer.from_pretrained(OUT)` still works. No *.py and no auto_map are
+written: `AutoTokenizer.from_pretrained(OUT)` and `vllm serve OUT` need no remote code.
 """
 
 import argparse
@@ -20,6 +27,7 @@ import logging
 import re
 import shutil
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -27,15 +35,14 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from ..configuration_qwen import QWenConfig
-from ..modeling_qwen import write_remote_code
 from . import run_cli_action
+from .fast_tokenizer import save_fast_tokenizer
 from .output_dir import staged_output
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-# Copied next to the tokenizer files so AutoTokenizer finds QWenTokenizer with trust_remote_code.
-TOKENIZER_CODE_FILES = ("tokenization_qwen.py", "qwen_generation_utils.py")
+VOCAB_FILE = "qwen.tiktoken"
 
 # Renames of the per-layer tensors (c_attn is split separately).
 _LAYER_RENAMES = {
@@ -259,12 +266,16 @@ def _export_dir(src: Path, out: Path, dtype: torch.dtype | None) -> None:
 
 
 def _export_tokenizer(src: Path, out: Path) -> bool:
-    if not (src / "qwen.tiktoken").is_file():
+    """The fast tokenizer files and a copy of qwen.tiktoken, when SRC has a tokenizer."""
+    if not (src / VOCAB_FILE).is_file():
         return False
     from ..tokenization_qwen import QWenTokenizer
 
-    QWenTokenizer.from_pretrained(src).save_pretrained(out)
-    write_remote_code(out, TOKENIZER_CODE_FILES)
+    start = time.perf_counter()
+    tokenizer = QWenTokenizer.from_pretrained(src)
+    save_fast_tokenizer(tokenizer, out, model_max_length=QWenConfig.from_pretrained(src).seq_length)
+    shutil.copyfile(src / VOCAB_FILE, out / VOCAB_FILE)
+    logger.info("converted the tokenizer to tokenizer.json in %.1fs", time.perf_counter() - start)
     return True
 
 
