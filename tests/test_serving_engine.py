@@ -246,3 +246,17 @@ def test_logits_processors_steer_every_step(engine):
     out = engine.submit(prompt(engine.tokenizer, "hi"), SamplingParams(max_new_tokens=len(text) + 2, logits_processors=[force])).result()
     assert out.text.startswith("Action: search")
     assert seen[: len(text)] == [text[:i] for i in range(len(text))]
+
+
+def test_a_failing_processor_ends_only_its_own_request(engine):
+    def broken(generated, logits):
+        if len(generated) == 2:
+            raise RuntimeError("grammar exploded")
+
+    ids = prompt(engine.tokenizer, PROMPTS[0])
+    healthy = engine.submit(ids, SamplingParams(max_new_tokens=8, **GREEDY))
+    failing = engine.submit(ids, SamplingParams(max_new_tokens=8, logits_processors=[broken], **GREEDY))
+    with pytest.raises(RuntimeError, match="grammar exploded"):
+        failing.result()
+    assert healthy.result().completion_tokens == 8
+    wait_until(lambda: engine.stats()["running"] == 0)

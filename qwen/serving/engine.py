@@ -317,19 +317,27 @@ class Engine:
 
     def _sample(self, rows: list[_Sequence], logits: torch.Tensor) -> None:
         now = time.perf_counter()
-        for seq, row in zip(rows, logits):
-            params = seq.params
-            raw = row
-            row = row.clone()
-            if params.mask_token_ids_from is not None:
-                row[params.mask_token_ids_from :] = float("-inf")
-            for processor in self.logits_processors + params.logits_processors:
-                processor(seq.generated, row)
-            apply_penalties(row, params, seq.prompt + seq.generated, seq.counts)
-            token = choose(row, params, seq.generator)
-            logprob = [logprob_of(raw, token, params.logprobs)] if params.logprobs is not None else None
+        for seq, raw in zip(rows, logits):
+            try:
+                token = self._choose(seq, raw)
+            except Exception as exc:  # a request's own processor failed: only that request ends
+                self._running.remove(seq)
+                self._release(seq, cache=False)
+                seq.stream._push(exc)
+                continue
+            logprob = [logprob_of(raw, token, seq.params.logprobs)] if seq.params.logprobs is not None else None
             self._observe(seq, now)
             self._emit(seq, token, logprob)
+
+    def _choose(self, seq: _Sequence, raw: torch.Tensor) -> int:
+        params = seq.params
+        row = raw.clone()
+        if params.mask_token_ids_from is not None:
+            row[params.mask_token_ids_from :] = float("-inf")
+        for processor in self.logits_processors + params.logits_processors:
+            processor(seq.generated, row)
+        apply_penalties(row, params, seq.prompt + seq.generated, seq.counts)
+        return choose(row, params, seq.generator)
 
     def _observe(self, seq: _Sequence, now: float) -> None:
         name = "inter_token_latency" if seq.last_token_time is not None else "time_to_first_token"
