@@ -1,0 +1,236 @@
+"""Command line of the OpenAI-compatible API server (`openai_api.py`, QWEN_SPEC §7).
+
+    python openai_api.py -c Qwen/Qwen-7B-Chat [--server-name 127.0.0.1] [--server-port 8000]
+                         [--api-auth user:password | --api-key KEY] [--cpu-only] [--disable-gc] ...
+
+The HTTP server starts at once and loads the model in the background: /health answers 503 until
+the model is ready, the generation endpoints 503 with a "loading" error. The checkpoint's small
+files are checked before the server starts, so a wrong path or another architecture fails fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import sys
+import threading
+
+DEFAULT_CKPT_PATH = "Qwen/Qwen-7B-Chat"
+MAX_BODY_BYTES = 8 * 1024 * 1024  # as qwen.api.protocol (not imported here: --help works without the api extra)
+
+EPILOG = """\
+endpoints:
+  POST /v1/chat/completions   chat (streaming, n, logprobs, tools/tool_choice and the legacy
+                              functions/function_call through the ReAct prompt, response_format
+                              json_object/json_schema by constrained decoding)
+  POST /v1/completions        raw prompts (echo, logprobs)
+  GET  /v1/models             the served model (any request's model name maps to it)
+  GET  /health                200 once the model is loaded, 503 before
+  GET  /metrics               Prometheus metrics
+  POST /tokenize, /detokenize prompt or messages <-> token ids
+
+With --api-auth and/or --api-key, every endpoint but /health needs credentials (either kind).
+Use it with the official client:  OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY")
+"""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is in [0, 65535], got {value}")
+    return value
+
+
+def _user_password(text: str) -> str:
+    user, sep, _ = text.partition(":")
+    if not sep or not user:
+        raise argparse.ArgumentTypeError("expected user:password")
+    return text
+
+
+def _origins(text: str) -> list[str]:
+    return [o.strip() for o in text.split(",") if o.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="openai_api.py",
+        description="OpenAI-compatible API server for Qwen (v1) chat models.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-c", "--checkpoint-path", default=DEFAULT_CKPT_PATH,
+                        help="checkpoint directory or Hugging Face hub name (default: %(default)s)")
+    parser.add_argument("--api-auth", type=_user_password, metavar="USER:PASSWORD",
+                        help="require HTTP Basic authentication with these credentials")
+    parser.add_argument("--api-key", metavar="KEY",
+                        help="require 'Authorization: Bearer KEY' (the OpenAI client's api_key); "
+                             "default: the QWEN_API_KEY environment variable, if set")
+    parser.add_argument("--cpu-only", action="store_true", help="run the model on the CPU even if a GPU is present")
+    parser.add_argument("--server-port", type=_port, default=8000, help="port to listen on (default: %(default)s)")
+    parser.add_argument("--server-name", default="127.0.0.1",
+                        help="address to listen on (default: %(default)s, this computer only; 0.0.0.0 for all)")
+    parser.add_argument("--disable-gc", action="store_true",
+                        help="do not collect garbage (and empty the CUDA cache) after replies")
+    parser.add_argument("--served-model-name", metavar="NAME",
+                        help="model id reported by /v1/models and in replies (default: the checkpoint's "
+                             "directory name)")
+    parser.add_argument("--max-running", type=_positive_int, default=8,
+                        help="sequences generated together (default: %(default)s)")
+    parser.add_argument("--max-waiting", type=_positive_int, default=64,
+                        help="requests that may wait for a slot; more are refused with 429 (default: %(default)s)")
+    parser.add_argument("--max-context", type=_positive_int, metavar="TOKENS",
+                        help="prompt + reply tokens per sequence (default: the model's maximum)")
+    parser.add_argument("--cors-origins", type=_origins, metavar="ORIGINS",
+                        help="comma-separated origins allowed by CORS, or '*' (default: no CORS headers)")
+    parser.add_argument("--max-body-bytes", type=_positive_int, default=MAX_BODY_BYTES,
+                        help="largest request body accepted; larger ones get 413 (default: %(default)s)")
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                        help="server log level (default: %(default)s)")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.api_key is None:
+        args.api_key = os.environ.get("QWEN_API_KEY") or None
+    return args
+
+
+def served_name(args) -> str:
+    return args.served_model_name or os.path.basename(os.path.normpath(args.checkpoint_path)) or "qwen"
+
+
+class BackgroundServer:
+    """Serve an app with uvicorn in a daemon thread on a free loopback port (tests, notebooks):
+
+        with BackgroundServer(create_app(engine)) as server:
+            httpx.get(server.url + "/health")
+    """
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import socket
+
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.host, self.port = self.sock.getsockname()[:2]
+        self.url = f"http://{self.host}:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,
+                                       name=f"uvicorn-{self.port}")
+
+    def start(self, timeout: float = 30.0) -> BackgroundServer:
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import importlib.util
+
+    for module in ("fastapi", "uvicorn", "prometheus_client"):
+        if importlib.util.find_spec(module) is None:
+            print(f"error: the API server needs {module}: pip install 'qwen[api]'", file=sys.stderr)
+            return 1
+    from ..loading import CheckpointError, check_chat_checkpoint, error_text, resolve_checkpoint
+
+    try:  # the cheap checks first: a wrong path fails before the server starts
+        source = resolve_checkpoint(args.checkpoint_path)
+        check_chat_checkpoint(source, chat=False)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+    import uvicorn
+
+    from ..serving import Engine
+    from .app import create_app, set_engine, set_load_error
+
+    app = create_app(
+        None,
+        served_model_name=served_name(args),
+        api_key=args.api_key,
+        api_auth=args.api_auth,
+        cors_origins=args.cors_origins,
+        max_body_bytes=args.max_body_bytes,
+        disable_gc=args.disable_gc,
+    )
+    config = uvicorn.Config(app, host=args.server_name, port=args.server_port, log_level=args.log_level,
+                            timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    log = logging.getLogger("uvicorn.error")
+    loaded = {}
+
+    def load():
+        try:
+            engine = Engine.from_pretrained(
+                source, cpu_only=args.cpu_only, chat=False, max_running=args.max_running,
+                max_waiting=args.max_waiting, max_context=args.max_context, model_name=served_name(args))
+        except Exception as exc:  # noqa: BLE001  (reported, and the server stops)
+            message = error_text(exc)
+            set_load_error(app, message)
+            log.error("cannot load the model: %s", message)
+            loaded["error"] = message
+            server.should_exit = True
+            return
+        loaded["engine"] = engine
+        if server.should_exit:  # stopped while loading
+            return
+        set_engine(app, engine)
+        log.info("model %s loaded (context %d tokens); serving", served_name(args), engine.max_context)
+
+    loader = threading.Thread(target=load, name="qwen-model-loader", daemon=True)
+    loader.start()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down gracefully
+        pass
+    finally:
+        engine = loaded.get("engine")
+        if engine is not None:
+            engine.shutdown()
+        gc.collect()
+    if "error" in loaded:
+        print(f"error: {loaded['error']}", file=sys.stderr)
+        return 1
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
