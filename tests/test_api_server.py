@@ -9,6 +9,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 
 from qwen.api.app import create_app, set_engine
 from qwen.api.server import BackgroundServer
@@ -417,6 +418,25 @@ def test_completion_logprobs(client):
     assert all(math.isclose(lp.token_logprobs[i], max(lp.top_logprobs[i].values()), abs_tol=1e-4) for i in range(n))
 
 
+def test_echo_with_logprobs_scores_the_prompt(client, engine):
+    """lm-eval's `local-completions` loglikelihood request: echo + logprobs + max_tokens=1 gives
+    every prompt token's log-probability (the first is null), then the generated token's."""
+    ids = engine.tokenizer.encode("The quick brown fox jumps over the lazy dog")
+    reply = client.completions.create(model="x", prompt=ids, max_tokens=1, temperature=0, logprobs=1, echo=True)
+    lp = reply.choices[0].logprobs
+    assert len(lp.token_logprobs) == len(ids) + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert "".join(lp.tokens[: len(ids)]) == engine.tokenizer.decode(ids)
+    with torch.no_grad():
+        expected = engine.model(torch.tensor([ids]), use_cache=False).logits[0].float().log_softmax(-1)
+    want = expected[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].tolist()
+    assert all(math.isclose(g, w, abs_tol=1e-4) for g, w in zip(lp.token_logprobs[1 : len(ids)], want))
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    streamed = list(client.completions.create(model="x", prompt=ids, max_tokens=1, temperature=0, logprobs=1,
+                                              echo=True, stream=True))
+    tokens = [t for c in streamed if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs]
+    assert tokens[0] is None and all(math.isclose(a, b, abs_tol=1e-6) for a, b in zip(tokens[1:], lp.token_logprobs[1:]))
+
+
 # ----------------------------------------------------------------------------- tokenize, metrics
 
 
@@ -531,7 +551,6 @@ BAD_COMPLETIONS = [
     ({"prompt": []}, 400, "prompt"),
     ({"prompt": [1, "a"]}, 400, ...),
     ({"prompt": [10**9]}, 400, "prompt"),
-    ({"prompt": "x", "echo": True, "logprobs": 1}, 400, "logprobs"),
     ({"prompt": "x", "best_of": 3}, 400, "best_of"),
     ({"prompt": "x", "suffix": "y"}, 400, "suffix"),
     ({"prompt": "x", "max_tokens": MAX_CONTEXT}, 400, "max_tokens"),

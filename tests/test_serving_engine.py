@@ -260,3 +260,19 @@ def test_a_failing_processor_ends_only_its_own_request(engine):
         failing.result()
     assert healthy.result().completion_tokens == 8
     wait_until(lambda: engine.stats()["running"] == 0)
+
+
+def test_prompt_logprobs_score_every_prompt_token(engine):
+    """Scoring (lm-eval's loglikelihood): each prompt token's log-probability given what precedes
+    it, across prefill chunk boundaries (prefill_chunk=16 here), equals a plain forward's."""
+    ids = prompt(engine.tokenizer, " ".join(["word"] * 20))
+    assert len(ids) > 32
+    out = engine.submit(ids, SamplingParams(max_new_tokens=1, prompt_logprobs=2, **GREEDY)).result()
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
+    with torch.no_grad():
+        expected = engine.model(torch.tensor([ids]), use_cache=False).logits[0].float().log_softmax(-1)
+    got = torch.tensor([lp.logprob for lp in out.prompt_logprobs[1:]])
+    want = expected[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert [lp.token_id for lp in out.prompt_logprobs[1:]] == ids[1:]
+    assert all(len(lp.top) == 2 for lp in out.prompt_logprobs[1:])

@@ -559,13 +559,20 @@ class CompletionLogprobs:
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def block(self, logprobs) -> dict:
+        return self._block([lp.token_id for lp in logprobs or []], logprobs or [])
+
+    def prompt_block(self, prompt_ids: list[int], logprobs) -> dict:
+        """The echoed prompt's entries: the first token has no logprob (null), as in OpenAI's API."""
+        return self._block(prompt_ids, logprobs)
+
+    def _block(self, token_ids, logprobs) -> dict:
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for lp in logprobs or []:
-            out["tokens"].append(self.token_text.string(lp.token_id))
-            out["token_logprobs"].append(_finite(lp.logprob))
-            out["top_logprobs"].append({self.token_text.string(t): _finite(p) for t, p in lp.top})
+        for token, lp in zip(token_ids, logprobs):
+            out["tokens"].append(self.token_text.string(token))
+            out["token_logprobs"].append(None if lp is None else _finite(lp.logprob))
+            out["top_logprobs"].append(None if lp is None else {self.token_text.string(t): _finite(p) for t, p in lp.top})
             out["text_offset"].append(self.offset)
-            self.offset += len(self.decoder.decode(self.token_text.bytes(lp.token_id)))
+            self.offset += len(self.decoder.decode(self.token_text.bytes(token)))
         return out
 
 
@@ -1013,19 +1020,18 @@ def create_app(
         check_completion(req)
         engine = state.require_engine()
         tokenizer = engine.tokenizer
-        if req.echo and req.logprobs is not None:
-            raise bad_request("echo together with logprobs (prompt logprobs) is not supported by this server",
-                              "logprobs", "unsupported_parameter")
+        score_prompt = bool(req.echo) and req.logprobs is not None  # lm-eval's loglikelihood requests
         prompts = await asyncio.to_thread(_completion_prompts, tokenizer, req.prompt, _vocab_limit(engine))
         n = req.n or 1
         if len(prompts) * n > MAX_N:
             raise bad_request(f"at most {MAX_N} choices per request (prompts x n)", "n")
         stop = [s for s in ([req.stop] if isinstance(req.stop, str) else (req.stop or [])) if s]
-        stop_ids = [tokenizer.eod_id]
+        stop_ids = [tokenizer.eod_id, *(t for t in req.stop_token_ids or [] if t != tokenizer.eod_id)]  # + vLLM's
         jobs, streams = [], []
         try:
             for p, (text, ids) in enumerate(prompts):
                 params = sampling_params(req, engine, len(ids), stop, stop_ids, req.logprobs)
+                params.prompt_logprobs = req.logprobs if score_prompt else None
                 batch = submit_all(engine, ids, [_choice_params(params, i) for i in range(n)])
                 streams.extend(batch)
                 jobs.extend((text, ids) for _ in batch)
@@ -1053,8 +1059,10 @@ def create_app(
             prompt_text = jobs[i][0] if req.echo else ""
             logprobs = None
             if req.logprobs is not None:
-                builder = CompletionLogprobs(token_text, len(prompt_text))
-                logprobs = builder.block([lp for out in outputs for lp in (out.logprobs or [])])
+                builder = CompletionLogprobs(token_text, 0 if score_prompt else len(prompt_text))
+                blocks = [builder.prompt_block(jobs[i][1], outputs[0].prompt_logprobs)] if score_prompt else []
+                blocks.append(builder.block([lp for out in outputs for lp in (out.logprobs or [])]))
+                logprobs = merge_completion_logprobs(blocks)
             choices.append({"index": i, "text": prompt_text + text, "logprobs": logprobs,
                             "finish_reason": _finish_reason(outputs[-1].finish_reason, False, False)})
             completion_tokens += outputs[-1].completion_tokens
@@ -1201,7 +1209,8 @@ async def completion_stream(state: ServerState, jobs, streams, meta: dict, token
                             logprobs: int | None, echo: bool, include_usage: bool, prompt_tokens: int):
     base = {**meta, "object": "text_completion"}
     extra = {"usage": None} if include_usage else {}
-    builders = [CompletionLogprobs(token_text, len(text) if echo else 0) for text, _ in jobs]
+    score_prompt = echo and logprobs is not None  # the echoed prompt carries its logprobs: sent with the first output
+    builders = [CompletionLogprobs(token_text, len(text) if echo and not score_prompt else 0) for text, _ in jobs]
 
     def chunk(index, text, lp=None, finish_reason=None):
         return {**base, "choices": [{"index": index, "text": text, "logprobs": lp,
@@ -1209,13 +1218,16 @@ async def completion_stream(state: ServerState, jobs, streams, meta: dict, token
 
     completion_tokens = 0
     try:
-        if echo:
+        if echo and not score_prompt:
             for i, (text, _) in enumerate(jobs):
                 yield chunk(i, text)
         async for index, out in merge_streams(streams):
             if isinstance(out, BaseException):
                 yield _stream_error(out)
                 return
+            if score_prompt and out.prompt_logprobs is not None:
+                text, ids = jobs[index]
+                yield chunk(index, text, builders[index].prompt_block(ids, out.prompt_logprobs))
             lp = builders[index].block(out.logprobs) if logprobs is not None and out.logprobs else None
             final = out.finish_reason is not None
             if out.text or lp or final:

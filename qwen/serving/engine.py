@@ -112,6 +112,7 @@ def join_outputs(outputs: list[Output]) -> Output:
         token_ids=[t for out in outputs for t in out.token_ids],
         text="".join(out.text for out in outputs),
         logprobs=logprobs if any(out.logprobs is not None for out in outputs) else None,
+        prompt_logprobs=next((out.prompt_logprobs for out in outputs if out.prompt_logprobs is not None), None),
         finish_reason=last.finish_reason,
         prompt_tokens=last.prompt_tokens,
         completion_tokens=last.completion_tokens,
@@ -131,6 +132,7 @@ class _Sequence:
         self.generator = torch.Generator().manual_seed(
             params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         )
+        self.prompt_logprobs: list | None = [None] if params.prompt_logprobs is not None else None
         self.submitted = time.perf_counter()
         self.last_token_time: float | None = None
 
@@ -278,7 +280,7 @@ class Engine:
         NTK alpha), else a never-used one, else the least recently used idle one."""
         best, best_len = None, 0
         for slot, (tokens, alpha) in self._idle_slots.items():
-            if alpha != seq.alpha:
+            if alpha != seq.alpha or seq.prompt_logprobs is not None:  # scoring needs every prompt position
                 continue
             n = 0
             for a, b in zip(tokens, seq.prompt):
@@ -297,17 +299,24 @@ class Engine:
             seq.slot = next(iter(self._idle_slots))
             del self._idle_slots[seq.slot]
 
-    def _forward(self, rows: list[_Sequence], ids: list[list[int]], starts: list[int]) -> torch.Tensor:
+    def _forward(self, rows: list[_Sequence], ids: list[list[int]], starts: list[int], every_position=False):
+        """fp32 logits [rows, vocab] of each row's last position ([rows, positions, vocab] if asked)."""
         self.cache.select([s.slot for s in rows], starts, [s.alpha for s in rows])
         input_ids = torch.tensor(ids, device=self.model.device)
-        out = self.model(input_ids=input_ids, cache=self.cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].float()
+        out = self.model(input_ids=input_ids, cache=self.cache, use_cache=True, logits_to_keep=0 if every_position else 1)
+        return out.logits.float() if every_position else out.logits[:, -1].float()
 
     def _prefill(self, seq: _Sequence) -> None:
         start = seq.prefilled
         chunk = seq.prompt[start : start + self.prefill_chunk]
-        logits = self._forward([seq], [chunk], [start])
+        scoring = seq.prompt_logprobs is not None
+        logits = self._forward([seq], [chunk], [start], every_position=scoring)
         seq.prefilled += len(chunk)
+        if scoring:  # position p predicts prompt token p + 1
+            targets = seq.prompt[start + 1 : seq.prefilled + 1]
+            top = seq.params.prompt_logprobs
+            seq.prompt_logprobs += [logprob_of(row, token, top) for row, token in zip(logits[0], targets)]
+            logits = logits[:, -1]
         if seq.prefilled == len(seq.prompt):
             self._sample([seq], logits)
 
@@ -362,7 +371,9 @@ class Engine:
             self._finish(seq, reason, notify=False)
 
     def _output(self, seq, tokens, text, logprob, reason) -> Output:
+        prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None  # sent once, with the first output
         return Output(
+            prompt_logprobs=prompt_logprobs,
             token_ids=tokens,
             text=text,
             logprobs=logprob,

@@ -47,6 +47,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # strings never emitted; matched across tokens
     stop_token_ids: list[int] = field(default_factory=list)  # end the reply; not part of its text
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob plus the top k
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (scoring)
     mask_token_ids_from: int | None = None  # ids >= this are never sampled (the embedding's padding)
     # Callables (generated_ids: list[int], logits: fp32 tensor [vocab]) -> None that edit the
     # logits in place before sampling (constrained decoding, tests that force tokens).
@@ -84,6 +85,8 @@ class SamplingParams:
             raise RequestError("stop_token_ids must be token ids (integers >= 0)", "stop_token_ids")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
             raise RequestError(f"top_logprobs must be an integer in [0, 20], got {self.logprobs!r}", "top_logprobs")
+        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= 20):
+            raise RequestError(f"prompt logprobs must be an integer in [0, 20], got {self.prompt_logprobs!r}", "logprobs")
         return self
 
 
@@ -104,6 +107,7 @@ class Output:
     text: str
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on the first output; None for the first token
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache

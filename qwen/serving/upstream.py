@@ -1,51 +1,171 @@
 """An engine that sends raw-prompt completions to an upstream OpenAI-compatible server (e.g.
 `vllm serve` on a Qwen2 export, or another `openai_api.py`), for deployments beyond one machine.
 
-It has the Engine's interface (`submit`, `stats`, `shutdown`, `tokenizer`, `max_context`), so the
-API server keeps the Qwen-specific work (chat format, ReAct tool calls, stop words, usage, auth,
-limits) and only the forward passes move. Prompts go as token ids, with vLLM's `stop_token_ids`
-and `repetition_penalty` / `top_k` extensions; text arrives as streamed deltas.
+    engine = UpstreamEngine.connect("http://gpu-host:8000", tokenizer, config=..., generation_config=...)
+
+It has the Engine's interface (`submit`, `stats`, `shutdown`, `tokenizer`, `max_context`,
+`model_name`, `observers`, `counters`, and `model.config` / `model.generation_config` from the local
+checkpoint's files, without weights), so the API server keeps the Qwen-specific work (chat format,
+ReAct tool calls, stop words, usage, auth, limits) and only the forward passes move. Prompts go to
+`POST /v1/completions` as token ids, streamed, with vLLM's `stop_token_ids`, `top_k` and
+`repetition_penalty` extensions (our own server takes them too); the text comes back as deltas.
+
+Requests run as tasks of one event loop on a thread of the engine's own; at most `max_running`
+are sent at once, up to `max_waiting` more wait. A cancelled stream (a client that left) closes its
+upstream connection at once, which makes vLLM and our server abort the request. What the upstream
+cannot do here (logprobs, constrained decoding) is refused at `submit` with a RequestError; an
+upstream that fails ends the stream with an UpstreamError whose `http_status` the API answers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
 from collections import Counter
+from types import SimpleNamespace
 
 from .engine import RequestStream
 from .params import EngineBusy, Output, RequestError, SamplingParams
 
 
+class UpstreamError(RuntimeError):
+    """The upstream failed a request. `http_status`, `error_type` and `code` are what the API
+    server answers: 502 when the upstream is unreachable or answers badly, 504 when it times out,
+    its own status for 400 / 429 / 503 (a request it refuses, or an upstream that is busy)."""
+
+    def __init__(self, message: str, http_status: int = 502, code: str = "upstream_error",
+                 error_type: str = "server_error"):
+        super().__init__(message)
+        self.http_status = http_status
+        self.code = code
+        self.error_type = error_type
+
+
+def _base_url(url: str) -> str:
+    url = url.strip().rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"upstream URL must start with http:// or https://, got {url!r}")
+    return url if url.endswith("/v1") else url + "/v1"
+
+
+def _upstream_message(status: int, text: str) -> str:
+    """The upstream's error message (OpenAI's or FastAPI's error body), else the start of its body."""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return text.strip()[:300] or f"HTTP {status}"
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict) and error.get("message"):
+        return str(error["message"])
+    if isinstance(body, dict) and body.get("message"):  # vLLM's older error body
+        return str(body["message"])
+    if isinstance(body, dict) and body.get("detail"):
+        return str(body["detail"])
+    return text.strip()[:300]
+
+
+def _status_error(status: int, text: str) -> UpstreamError:
+    message = _upstream_message(status, text)
+    if status == 400 or status == 422:
+        return UpstreamError(f"the upstream refused the request: {message}", 400, "upstream_rejected",
+                             "invalid_request_error")
+    if status == 429:
+        return UpstreamError(f"the upstream is busy: {message}", 429, "upstream_busy", "rate_limit_error")
+    if status == 503:
+        return UpstreamError(f"the upstream is unavailable: {message}", 503, "upstream_unavailable",
+                             "service_unavailable")
+    if status in (401, 403):
+        message = f"the upstream refused this server's credentials (HTTP {status}; check --upstream-api-key): {message}"
+    else:
+        message = f"the upstream answered HTTP {status}: {message}"
+    return UpstreamError(message, 502, "upstream_error")
+
+
 class UpstreamEngine:
     def __init__(self, url: str, tokenizer, *, model: str | None = None, api_key: str | None = None,
-                 max_context: int | None = None, max_running: int = 64, max_waiting: int = 256, timeout: float = 600.0):
+                 max_context: int | None = None, max_running: int = 64, max_waiting: int = 256,
+                 timeout: float = 600.0, config=None, generation_config=None, models: list | None = None):
+        """Connect to the server at `url` (with or without /v1). Raises ValueError when it does
+        not answer GET /v1/models or serves no model (or not `model`). `config` and
+        `generation_config` are the local checkpoint's (the API reads the sampling defaults and
+        the chat format from them); `models` is an already fetched /v1/models list."""
         import httpx
 
-        self.url = url.rstrip("/")
-        if not self.url.endswith("/v1"):
-            self.url += "/v1"
+        for name, value in (("max_running", max_running), ("max_waiting", max_waiting)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        self.url = _base_url(url)
         self.tokenizer = tokenizer
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout, connect=10.0))
-        try:
-            models = self._client.get(f"{self.url}/models").raise_for_status().json()["data"]
-        except Exception as exc:  # noqa: BLE001  (connection refused, bad JSON, 401, ...)
-            raise ValueError(f"upstream {self.url} does not answer GET /v1/models: {exc}") from exc
+        self.model = SimpleNamespace(config=config, generation_config=generation_config)
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        if models is None:
+            models = self.list_models(self.url, api_key)
         if not models:
             raise ValueError(f"upstream {self.url} serves no model")
-        entry = next((m for m in models if m.get("id") == model), models[0]) if model else models[0]
+        if model is not None:
+            entry = next((m for m in models if m.get("id") == model), None)
+            if entry is None:
+                names = ", ".join(str(m.get("id")) for m in models)
+                raise ValueError(f"upstream {self.url} does not serve model {model!r} (it serves: {names})")
+        else:
+            entry = models[0]
         self.upstream_model = entry["id"]
         self.model_name = self.upstream_model
-        self.max_context = max_context or entry.get("max_model_len") or entry.get("max_context") or 8192
+        upstream_len = entry.get("max_model_len") or entry.get("max_context")
+        limits = [n for n in (max_context, upstream_len) if isinstance(n, int) and n > 0]
+        self.max_context = min(limits) if limits else 8192
         self.max_running, self.max_waiting = max_running, max_waiting
-        self.counters = Counter()
-        self.observers: list = []
-        self._active = 0
+        self.counters = Counter()  # requests_total, prompt_tokens_total, generation_tokens_total, finished_*
+        self.observers: list = []  # callables (name, seconds) for "time_to_first_token", "inter_token_latency"
+        self._inflight: dict[int, tuple[RequestStream, object]] = {}  # stream id -> (stream, future)
+        self._sending = 0
         self._lock = threading.Lock()
+        self._closed = False
+        self._loop = asyncio.new_event_loop()
+        self._slots = asyncio.Semaphore(max_running)  # bound to self._loop on first use (Python >= 3.10)
+        self._client = httpx.AsyncClient(
+            headers=self._headers,
+            timeout=httpx.Timeout(timeout, connect=10.0, pool=None),
+            limits=httpx.Limits(max_connections=max_running, max_keepalive_connections=max_running),
+        )
+        self._thread = threading.Thread(target=self._loop.run_forever, name="qwen-upstream", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def list_models(url: str, api_key: str | None = None, timeout: float = 10.0) -> list[dict]:
+        """GET {url}/v1/models; raises ValueError saying why it failed (ConnectionError when
+        nothing listens there, so that a caller can wait for an upstream that is starting)."""
+        import httpx
+
+        url = _base_url(url)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        try:
+            response = httpx.get(f"{url}/models", headers=headers, timeout=timeout)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise ConnectionError(f"upstream {url} cannot be reached: {exc}") from exc
+        except httpx.HTTPError as exc:
+            raise ValueError(f"upstream {url} does not answer GET /v1/models: {type(exc).__name__}: {exc}") from exc
+        if response.status_code == 503:  # e.g. our own server while it loads its model
+            raise ConnectionError(f"upstream {url} is not ready: {_upstream_message(503, response.text)}")
+        if response.status_code != 200:
+            hint = " (check --upstream-api-key)" if response.status_code in (401, 403) else ""
+            raise ValueError(f"upstream {url} answered GET /v1/models with HTTP {response.status_code}{hint}: "
+                             f"{_upstream_message(response.status_code, response.text)}")
+        try:
+            models = response.json()["data"]
+            if not isinstance(models, list) or not all(isinstance(m, dict) and "id" in m for m in models):
+                raise TypeError("data is not a list of models")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"upstream {url} answered GET /v1/models with no model list: {exc}") from exc
+        return models
+
+    # ------------------------------------------------------------------------- requests
 
     def submit(self, prompt_ids: list[int], params: SamplingParams | None = None) -> RequestStream:
+        """Send a request; raises RequestError (bad request), EngineBusy (too many in flight) or
+        RuntimeError (shut down). Network failures come out of the stream as UpstreamError."""
         params = (params or SamplingParams()).check()
         prompt = list(prompt_ids)
         if not prompt:
@@ -54,79 +174,157 @@ class UpstreamEngine:
             raise RequestError(
                 f"the prompt ({len(prompt)} tokens) plus max_new_tokens ({params.max_new_tokens}) exceeds the "
                 f"context of {self.max_context} tokens",
-                "max_tokens",
+                "max_tokens" if len(prompt) < self.max_context else "messages",
             )
-        if params.logits_processors or params.logprobs is not None:
-            raise RequestError("logprobs and constrained decoding are not available with an upstream engine", "logprobs")
+        if params.logprobs is not None:
+            raise RequestError("logprobs are not available on this server (it generates through an upstream "
+                               "engine)", "logprobs")
+        if params.logits_processors:
+            raise RequestError("constrained decoding (response_format json_object / json_schema) is not "
+                               "available on this server (it generates through an upstream engine)",
+                               "response_format")
+        stream = RequestStream(self, len(prompt))
+        body = self._body(prompt, params)
         with self._lock:
-            if self._active >= self.max_running + self.max_waiting:
-                raise EngineBusy("too many requests in flight to the upstream; try again later")
-            self._active += 1
+            if self._closed:
+                raise RuntimeError("the engine is shut down")
+            if len(self._inflight) >= self.max_running + self.max_waiting:
+                raise EngineBusy(f"too many requests in flight to the upstream ({len(self._inflight)}); "
+                                 "try again later")
             self.counters["requests_total"] += 1
             self.counters["prompt_tokens_total"] += len(prompt)
-        stream = RequestStream(self, len(prompt))
-        threading.Thread(target=self._run, args=(stream, prompt, params), daemon=True).start()
+            future = asyncio.run_coroutine_threadsafe(self._run(stream, body, len(prompt), time.perf_counter()),
+                                                      self._loop)
+            self._inflight[stream.id] = (stream, future)
+        future.add_done_callback(lambda f: self._done(stream, f))
         return stream
 
-    def _body(self, prompt, params: SamplingParams) -> dict:
+    def _body(self, prompt: list[int], params: SamplingParams) -> dict:
         body = {
             "model": self.upstream_model,
             "prompt": prompt,
             "max_tokens": params.max_new_tokens,
             "temperature": 0.0 if params.greedy else params.temperature,
-            "top_p": params.top_p,
+            "top_p": 1.0 if params.greedy else params.top_p,
+            "top_k": params.top_k if params.top_k > 0 and not params.greedy else -1,
             "presence_penalty": params.presence_penalty,
             "frequency_penalty": params.frequency_penalty,
+            "repetition_penalty": params.repetition_penalty,
+            "stop_token_ids": list(params.stop_token_ids),
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        extras = {"top_k": params.top_k or -1, "repetition_penalty": params.repetition_penalty,
-                  "stop_token_ids": list(params.stop_token_ids), "seed": params.seed}
-        body.update({k: v for k, v in extras.items() if v is not None})
+        if params.seed is not None:
+            body["seed"] = params.seed
         if params.stop:
             body["stop"] = list(params.stop)
         return body
 
-    def _run(self, stream: RequestStream, prompt, params: SamplingParams) -> None:
-        start = last = time.perf_counter()
-        finish, completion = None, 0
-        try:
-            with self._client.stream("POST", f"{self.url}/completions", json=self._body(prompt, params)) as response:
-                if response.status_code != 200:
-                    response.read()
-                    raise RuntimeError(f"upstream answered {response.status_code}: {response.text[:500]}")
-                for line in response.iter_lines():
-                    if stream.cancelled:
-                        break  # closing the response drops the upstream request
-                    if not line.startswith("data:") or line.strip() == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[5:])
-                    usage = chunk.get("usage") or {}
-                    completion = usage.get("completion_tokens", completion)
-                    for choice in chunk.get("choices") or []:
-                        finish = choice.get("finish_reason") or finish
-                        if choice.get("text"):
-                            now = time.perf_counter()
-                            name = "time_to_first_token" if last == start else "inter_token_latency"
-                            for observer in self.observers:
-                                observer(name, now - last)
-                            last = now
-                            stream._push(Output([], choice["text"], prompt_tokens=len(prompt)))
-            reason = "cancelled" if stream.cancelled else finish or "stop"
-            self.counters["generation_tokens_total"] += completion
-            stream._push(Output([], "", finish_reason=reason, prompt_tokens=len(prompt), completion_tokens=completion))
-        except Exception as exc:  # noqa: BLE001  (network errors reach the client as the stream's error)
-            stream._push(RuntimeError(f"upstream request failed: {exc}"))
-        finally:
-            with self._lock:
-                self._active -= 1
+    async def _run(self, stream: RequestStream, body: dict, prompt_tokens: int, submitted: float) -> None:
+        import httpx
 
-    def _wake(self) -> None:  # RequestStream.cancel(): the worker checks `cancelled` per chunk
-        pass
+        async with self._slots:
+            with self._lock:
+                self._sending += 1
+            try:
+                await self._send(stream, body, prompt_tokens, submitted)
+            except UpstreamError as exc:
+                self._fail(stream, exc)
+            except httpx.TimeoutException as exc:
+                self._fail(stream, UpstreamError(f"the upstream {self.url} timed out: {type(exc).__name__}", 504,
+                                                 "upstream_timeout"))
+            except httpx.HTTPError as exc:  # refused, reset, DNS, protocol errors
+                self._fail(stream, UpstreamError(f"the upstream {self.url} cannot be reached: "
+                                                 f"{type(exc).__name__}: {exc}", 502, "upstream_unreachable"))
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:  # a stream that is not OpenAI's
+                self._fail(stream, UpstreamError(f"the upstream {self.url} sent an unreadable reply: "
+                                                 f"{type(exc).__name__}: {exc}", 502, "upstream_bad_reply"))
+            finally:
+                with self._lock:
+                    self._sending -= 1
+
+    async def _send(self, stream: RequestStream, body: dict, prompt_tokens: int, last: float) -> None:
+        finish, completion, cached, text = None, None, 0, []
+        async with self._client.stream("POST", f"{self.url}/completions", json=body) as response:
+            if response.status_code != 200:
+                await response.aread()
+                raise _status_error(response.status_code, response.text)
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk and not chunk.get("choices"):  # an error event inside the stream
+                    error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": chunk["error"]}
+                    raise UpstreamError(f"the upstream failed the request: {error.get('message')}", 502,
+                                        "upstream_error")
+                usage = chunk.get("usage") or {}
+                if usage.get("completion_tokens") is not None:
+                    completion = usage["completion_tokens"]
+                    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+                for choice in chunk.get("choices") or []:
+                    finish = choice.get("finish_reason") or finish
+                    piece = choice.get("text")
+                    if piece:
+                        now = time.perf_counter()
+                        name = "time_to_first_token" if not text else "inter_token_latency"
+                        for observer in self.observers:
+                            observer(name, now - last)
+                        last = now
+                        text.append(piece)
+                        stream._push(Output([], piece, prompt_tokens=prompt_tokens))
+        if finish is None:
+            raise UpstreamError("the upstream ended the reply without a finish reason", 502, "upstream_bad_reply")
+        if completion is None:  # an upstream without stream usage: count the text's tokens
+            completion = len(self.tokenizer.encode("".join(text), allowed_special="all"))
+        reason = "length" if finish == "length" else "stop"
+        with self._lock:
+            self.counters["generation_tokens_total"] += completion
+            self.counters[f"finished_{reason}_total"] += 1
+        stream._push(Output([], "", finish_reason=reason, prompt_tokens=prompt_tokens, completion_tokens=completion,
+                            cached_tokens=cached))
+
+    def _fail(self, stream: RequestStream, exc: UpstreamError) -> None:
+        with self._lock:
+            self.counters["finished_error_total"] += 1
+        stream._push(exc)
+
+    def _done(self, stream: RequestStream, future) -> None:  # the loop's thread, or the canceller's
+        with self._lock:
+            self._inflight.pop(stream.id, None)
+            if future.cancelled():
+                self.counters["finished_cancelled_total"] += 1
+        if future.cancelled():
+            stream._push(Output([], "", finish_reason="cancelled", prompt_tokens=stream.prompt_tokens))
+
+    def _wake(self) -> None:
+        """RequestStream.cancel(): stop the cancelled requests (closing their upstream connections)."""
+        with self._lock:
+            doomed = [future for stream, future in self._inflight.values() if stream.cancelled]
+        for future in doomed:
+            future.cancel()
 
     def stats(self) -> dict:
         with self._lock:
-            return {"running": self._active, "waiting": 0, **self.counters}
+            return {"running": self._sending, "waiting": len(self._inflight) - self._sending, **self.counters}
 
     def shutdown(self) -> None:
-        self._client.close()
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            pending = [future for _, future in self._inflight.values()]
+        for future in pending:
+            future.cancel()
+
+        async def close():
+            await self._client.aclose()
+
+        try:
+            asyncio.run_coroutine_threadsafe(close(), self._loop).result(timeout=10)
+        except Exception:  # noqa: BLE001  (closing anyway)
+            pass
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
