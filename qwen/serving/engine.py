@@ -213,6 +213,8 @@ class Engine:
         with self._lock:
             if self._closed:
                 raise RuntimeError("the engine is shut down")
+            if len(self._waiting) >= self.max_waiting:  # requests cancelled while waiting do not count
+                self._waiting = deque(s for s in self._waiting if not s.stream.cancelled)
             if len(self._waiting) >= self.max_waiting:
                 raise EngineBusy(f"too many waiting requests ({self.max_waiting}); try again later")
             self._waiting.append(seq)
