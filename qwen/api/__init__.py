@@ -1,1 +1,1 @@
-"""OpenAI-compatible API pieces (the server itself comes with the serving engine)."""
+"""The OpenAI-compatible API server: protocol models, ReAct tool calls, the FastAPI app, the CLI."""
