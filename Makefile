@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_PIN)"
-	$(PIP) install -q -r requirements.txt -e ".[test]"
+	$(PIP) install -q -r requirements.txt -e ".[test,api,structured]"
 	touch $@
 
 venv: $(VENV)/.installed
