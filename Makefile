@@ -8,7 +8,7 @@ PIP    := $(VENV)/bin/pip
 TORCH_PIN ?= torch==2.13.0
 DEMO_DIR ?= demo_checkpoint
 
-.PHONY: venv demo chat test clean
+.PHONY: venv demo chat test test-e2e clean
 
 $(VENV)/.installed: pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,12 @@ chat: venv
 	$(PY) cli_demo.py -c $(DEMO_DIR) --cpu-only --max-new-tokens 32
 
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --ignore=tests/e2e
+
+# The server end to end under load (tests/e2e: a real server process, 32 concurrent streams, RSS over
+# 300 requests, dropped clients); a few minutes, so not part of `make test`.
+test-e2e: venv
+	$(PY) -m pytest -q tests/e2e
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
