@@ -71,6 +71,7 @@ class ServerState:
         self.max_body_bytes = max_body_bytes
         self.created = int(time.time())
         self._gc_task: asyncio.Task | None = None
+        self._last_gc = float("-inf")
         self.registry = CollectorRegistry(auto_describe=True)
         self.http_requests = Counter("qwen_http_requests", "HTTP requests answered, by endpoint and status",
                                      ["endpoint", "status"], registry=self.registry)
@@ -112,16 +113,23 @@ class ServerState:
 
     def request_done(self) -> None:
         """The original's `_gc()` after each reply (off with --disable-gc): collect garbage and
-        return cached GPU memory, here only once the engine has nothing left to do."""
+        return cached GPU memory, here only once the engine has nothing left to do and at most
+        every GC_INTERVAL_S (a full collection holds the GIL for ~150 ms on a loaded process)."""
         if self.disable_gc or self.engine is None or (self._gc_task is not None and not self._gc_task.done()):
+            return
+        if time.monotonic() - self._last_gc < GC_INTERVAL_S:
             return
         try:
             stats = self.engine.stats()
             if stats.get("running") or stats.get("waiting"):
                 return
+            self._last_gc = time.monotonic()
             self._gc_task = asyncio.get_running_loop().create_task(asyncio.to_thread(_collect_garbage))
         except RuntimeError:
             pass
+
+
+GC_INTERVAL_S = 10.0
 
 
 def _collect_garbage() -> None:
@@ -508,6 +516,9 @@ async def collect(request: Request, streams) -> list[list]:
 
 
 def _engine_failure(exc: BaseException) -> APIError:
+    if isinstance(getattr(exc, "http_status", None), int):  # an upstream's failure (qwen.serving.upstream)
+        return APIError(exc.http_status, str(exc), getattr(exc, "error_type", "server_error"),
+                        code=getattr(exc, "code", None))
     return APIError(500, f"Generation failed: {type(exc).__name__}: {exc}", "server_error", code="generation_failed")
 
 

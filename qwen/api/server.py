@@ -2,10 +2,18 @@
 
     python openai_api.py -c Qwen/Qwen-7B-Chat [--server-name 127.0.0.1] [--server-port 8000]
                          [--api-auth user:password | --api-key KEY] [--cpu-only] [--disable-gc] ...
+    python openai_api.py -c Qwen/Qwen-7B-Chat --upstream http://gpu-host:8001 [--upstream-api-key KEY]
 
 The HTTP server starts at once and loads the model in the background: /health answers 503 until
 the model is ready, the generation endpoints 503 with a "loading" error. The checkpoint's small
 files are checked before the server starts, so a wrong path or another architecture fails fast.
+
+With --upstream URL the weights are not loaded: the checkpoint gives the tokenizer and the generation
+config (chat format, sampling defaults), and the server sends raw-prompt completions (token ids,
+streamed) to the OpenAI-compatible server at URL: `vllm serve` on a `python -m qwen.tools.export_qwen2`
+export, or another openai_api.py. The chat format, ReAct tool calls, stop words, usage, auth and
+limits stay here; logprobs and response_format JSON modes are refused (400). While the upstream is
+not up yet (connection refused, or 503), /health answers 503 and the server waits for it.
 """
 
 from __future__ import annotations
@@ -16,9 +24,12 @@ import logging
 import os
 import sys
 import threading
+import time
 
 DEFAULT_CKPT_PATH = "Qwen/Qwen-7B-Chat"
 MAX_BODY_BYTES = 8 * 1024 * 1024  # as qwen.api.protocol (not imported here: --help works without the api extra)
+DEFAULT_MAX_RUNNING = 8
+DEFAULT_UPSTREAM_RUNNING = 64  # an upstream such as vLLM batches many more sequences than our engine
 
 EPILOG = """\
 endpoints:
@@ -32,6 +43,7 @@ endpoints:
   POST /tokenize, /detokenize prompt or messages <-> token ids
 
 With --api-auth and/or --api-key, every endpoint but /health needs credentials (either kind).
+With --upstream, generation runs on that server; logprobs and response_format JSON modes are refused.
 Use it with the official client:  OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY")
 """
 
@@ -90,8 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--served-model-name", metavar="NAME",
                         help="model id reported by /v1/models and in replies (default: the checkpoint's "
                              "directory name)")
-    parser.add_argument("--max-running", type=_positive_int, default=8,
-                        help="sequences generated together (default: %(default)s)")
+    parser.add_argument("--max-running", type=_positive_int, default=None,
+                        help=f"sequences generated together (default: {DEFAULT_MAX_RUNNING}; with --upstream, "
+                             f"requests sent to it at once, default: {DEFAULT_UPSTREAM_RUNNING})")
     parser.add_argument("--max-waiting", type=_positive_int, default=64,
                         help="requests that may wait for a slot; more are refused with 429 (default: %(default)s)")
     parser.add_argument("--max-context", type=_positive_int, metavar="TOKENS",
@@ -100,15 +113,37 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated origins allowed by CORS, or '*' (default: no CORS headers)")
     parser.add_argument("--max-body-bytes", type=_positive_int, default=MAX_BODY_BYTES,
                         help="largest request body accepted; larger ones get 413 (default: %(default)s)")
+    upstream = parser.add_argument_group("upstream engine (generation on another OpenAI-compatible server)")
+    upstream.add_argument("--upstream", metavar="URL",
+                          help="send raw-prompt completions to the OpenAI-compatible server at URL (e.g. "
+                               "http://gpu-host:8001: `vllm serve` on a qwen.tools.export_qwen2 export, or another "
+                               "openai_api.py) instead of loading the weights; -c still gives the tokenizer and "
+                               "generation config")
+    upstream.add_argument("--upstream-api-key", metavar="KEY",
+                          help="Bearer key for the upstream (default: the QWEN_UPSTREAM_API_KEY environment "
+                               "variable, if set)")
+    upstream.add_argument("--upstream-model", metavar="NAME",
+                          help="model id to ask the upstream for (default: the first one its /v1/models lists)")
+    upstream.add_argument("--upstream-wait", type=_positive_int, default=600, metavar="SECONDS",
+                          help="how long to wait for an upstream that does not answer yet (default: %(default)s)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                         help="server log level (default: %(default)s)")
     return parser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.api_key is None:
         args.api_key = os.environ.get("QWEN_API_KEY") or None
+    if args.upstream is None and (args.upstream_api_key is not None or args.upstream_model is not None):
+        parser.error("--upstream-api-key and --upstream-model need --upstream URL")
+    if args.upstream is not None and not args.upstream.strip().lower().startswith(("http://", "https://")):
+        parser.error(f"--upstream must be an http:// or https:// URL, got {args.upstream!r}")
+    if args.upstream_api_key is None:
+        args.upstream_api_key = os.environ.get("QWEN_UPSTREAM_API_KEY") or None
+    if args.max_running is None:
+        args.max_running = DEFAULT_UPSTREAM_RUNNING if args.upstream else DEFAULT_MAX_RUNNING
     return args
 
 
@@ -160,6 +195,42 @@ class BackgroundServer:
         self.stop()
 
 
+def load_upstream_engine(source: str, args, stopping=lambda: False, log=None):
+    """An UpstreamEngine for args.upstream, with the tokenizer and generation config of the
+    checkpoint at `source` (no weights). Waits up to args.upstream_wait seconds for an upstream
+    that does not answer yet (`stopping()` ends the wait); raises CheckpointError or ValueError."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from ..loading import CheckpointError, error_text
+    from ..serving.upstream import UpstreamEngine
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source)
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"cannot load the tokenizer of checkpoint {source}: {error_text(exc)}") from exc
+    try:
+        generation_config = GenerationConfig.from_pretrained(source)
+    except OSError:  # no generation_config.json: the defaults
+        generation_config = None
+    deadline = time.monotonic() + getattr(args, "upstream_wait", 600)
+    said = False
+    while True:
+        try:
+            models = UpstreamEngine.list_models(args.upstream, args.upstream_api_key)
+            break
+        except ConnectionError as exc:
+            if time.monotonic() > deadline or stopping():
+                raise ValueError(f"{exc} (waited {getattr(args, 'upstream_wait', 600)} s)") from None
+            if log is not None and not said:
+                log.warning("%s; waiting for it (up to %d s)", exc, getattr(args, "upstream_wait", 600))
+                said = True
+            time.sleep(1.0)
+    return UpstreamEngine(args.upstream, tokenizer, model=args.upstream_model, api_key=args.upstream_api_key,
+                          max_context=args.max_context, max_running=args.max_running, max_waiting=args.max_waiting,
+                          config=config, generation_config=generation_config, models=models)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import importlib.util
@@ -199,9 +270,12 @@ def main(argv=None) -> int:
 
     def load():
         try:
-            engine = Engine.from_pretrained(
-                source, cpu_only=args.cpu_only, chat=False, max_running=args.max_running,
-                max_waiting=args.max_waiting, max_context=args.max_context, model_name=served_name(args))
+            if args.upstream:
+                engine = load_upstream_engine(source, args, lambda: server.should_exit, log)
+            else:
+                engine = Engine.from_pretrained(
+                    source, cpu_only=args.cpu_only, chat=False, max_running=args.max_running,
+                    max_waiting=args.max_waiting, max_context=args.max_context, model_name=served_name(args))
         except Exception as exc:  # noqa: BLE001  (reported, and the server stops)
             message = error_text(exc)
             set_load_error(app, message)
@@ -213,7 +287,11 @@ def main(argv=None) -> int:
         if server.should_exit:  # stopped while loading
             return
         set_engine(app, engine)
-        log.info("model %s loaded (context %d tokens); serving", served_name(args), engine.max_context)
+        if args.upstream:
+            log.info("model %s served through upstream %s (its model %s, context %d tokens)", served_name(args),
+                     engine.url, engine.upstream_model, engine.max_context)
+        else:
+            log.info("model %s loaded (context %d tokens); serving", served_name(args), engine.max_context)
 
     loader = threading.Thread(target=load, name="qwen-model-loader", daemon=True)
     loader.start()

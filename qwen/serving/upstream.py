@@ -7,8 +7,9 @@ It has the Engine's interface (`submit`, `stats`, `shutdown`, `tokenizer`, `max_
 `model_name`, `observers`, `counters`, and `model.config` / `model.generation_config` from the local
 checkpoint's files, without weights), so the API server keeps the Qwen-specific work (chat format,
 ReAct tool calls, stop words, usage, auth, limits) and only the forward passes move. Prompts go to
-`POST /v1/completions` as token ids, streamed, with vLLM's `stop_token_ids`, `top_k` and
-`repetition_penalty` extensions (our own server takes them too); the text comes back as deltas.
+`POST /v1/completions` as token ids, streamed, with vLLM's `stop_token_ids`, `top_k`,
+`repetition_penalty` and `skip_special_tokens` extensions (our own server takes them too, and
+writes special tokens as text anyway); the text comes back as deltas.
 
 Requests run as tasks of one event loop on a thread of the engine's own; at most `max_running`
 are sent at once, up to `max_waiting` more wait. A cancelled stream (a client that left) closes its
@@ -176,7 +177,7 @@ class UpstreamEngine:
                 f"context of {self.max_context} tokens",
                 "max_tokens" if len(prompt) < self.max_context else "messages",
             )
-        if params.logprobs is not None:
+        if params.logprobs is not None or getattr(params, "prompt_logprobs", None) is not None:
             raise RequestError("logprobs are not available on this server (it generates through an upstream "
                                "engine)", "logprobs")
         if params.logits_processors:
@@ -211,6 +212,9 @@ class UpstreamEngine:
             "frequency_penalty": params.frequency_penalty,
             "repetition_penalty": params.repetition_penalty,
             "stop_token_ids": list(params.stop_token_ids),
+            # Special tokens that are not stop tokens stay in the text, as our engine writes them.
+            "skip_special_tokens": False,
+            "spaces_between_special_tokens": False,
             "stream": True,
             "stream_options": {"include_usage": True},
         }
