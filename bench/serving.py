@@ -70,7 +70,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="half_b")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--clients", type=int, nargs="*", default=[1, 4, 8, 16], help="concurrencies (none: skip)")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
@@ -87,8 +87,8 @@ def main(argv=None):
     model = random_qwen(SHAPES[args.shape], len(tokenizer), 8192, DTYPES[args.dtype], seed=0)
     params = sum(p.numel() for p in model.parameters())
     print(f"model: {args.shape} {SHAPES[args.shape]}, {params / 1e9:.2f}B parameters, {args.dtype}")
-    context = max(args.prompt_len + args.new_tokens, args.turns * (3 * args.turn_words + 64)) + 64
-    batching = Engine(model, tokenizer, max_running=max(args.clients), max_context=context)
+    context = args.prompt_len + args.new_tokens + 64
+    batching = Engine(model, tokenizer, max_running=max(args.clients or [1]), max_context=context)
     serial = Engine(model, tokenizer, max_running=1, max_context=context, max_waiting=1024, prefix_slots=0)
     generator = torch.Generator().manual_seed(0)
     print(f"\nprompt {args.prompt_len} tokens, {args.new_tokens} new tokens per client (greedy), {args.repeats} repeats")
@@ -107,15 +107,19 @@ def main(argv=None):
             print(f"{clients:>7} {name:>9} {rates[name]:>8.1f} {ttft * 1e3:>9.0f} {itl * 1e3:>8.1f}")
         print(f"{clients:>7} {'ratio':>9} {rates['batching'] / rates['serial']:>8.2f}x aggregate tokens/s, batching/serial")
     serial.shutdown()
-    reuse_off = Engine(model, tokenizer, max_running=1, max_context=context, prefix_slots=0)
+    batching.shutdown()
+    # One chat at a time; its words take up to ~8 tokens each (the tag makes them rare).
+    chat_context = args.turns * (8 * args.turn_words + 64) + 64
+    reuse_on = Engine(model, tokenizer, max_running=1, max_context=chat_context, prefix_slots=2)
+    reuse_off = Engine(model, tokenizer, max_running=1, max_context=chat_context, prefix_slots=0)
     print(f"\nmulti-turn chat: {args.turns} turns of {args.turn_words} words, 8-token replies; TTFT ms per turn (median of {args.repeats})")
-    for name, engine in (("reuse on", batching), ("reuse off", reuse_off)):
+    for name, engine in (("reuse on", reuse_on), ("reuse off", reuse_off)):
         runs = [conversation_ttft(engine, tokenizer, args.turns, args.turn_words, 8, f"{name[-2:]}{r}")
                 for r in range(args.repeats)]
         per_turn = [statistics.median(run[i] for run in runs) for i in range(args.turns)]
         print(f"{name:>10}: " + " ".join(f"{t * 1e3:7.0f}" for t in per_turn)
               + f" | turn {args.turns}/turn 1 = {per_turn[-1] / per_turn[0]:.2f}")
-    batching.shutdown()
+    reuse_on.shutdown()
     reuse_off.shutdown()
     return 0
 

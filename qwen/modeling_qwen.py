@@ -7,6 +7,10 @@ code: it imports only torch, transformers and its sibling files.
 
 import copy
 import math
+import os
+import re
+import shutil
+import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -657,11 +661,6 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         files are written to a staging folder and renamed into place, so a failed save changes
         nothing and a symlink (e.g. into a Hugging Face cache) becomes a regular file, its target
         untouched. Remote code that is not ours is kept as `<name>.orig` (see write_remote_code)."""
-        import os
-        import re
-        import shutil
-        import tempfile
-
         self.config.auto_map = dict(CONFIG_AUTO_MAP)
         self.config.architectures = ["QWenLMHeadModel"]
         directory = Path(save_directory)
@@ -822,9 +821,6 @@ def write_remote_code(directory, names=REMOTE_CODE_FILES) -> list[str]:
     `<name>.orig`. Each file is written under a temporary name and renamed into place, so a
     symlink (e.g. into a Hugging Face cache) is replaced by a regular file, its target untouched.
     Returns the names of the backups made."""
-    import os
-    import shutil
-
     here, directory = Path(__file__).resolve().parent, Path(directory)
     kept = []
     for name in names:

@@ -116,9 +116,10 @@ def test_next_turn_reuses_the_previous_turns_kv(checkpoint, engine):
     fresh_engine = Engine(engine.model, engine.tokenizer, max_running=1, prefix_slots=0)
     try:
         fresh = fresh_engine.submit(second_ids, params).result()
+        again = fresh_engine.submit(second_ids, params).result()
     finally:
         fresh_engine.shutdown()
-    assert fresh.cached_tokens == 0
+    assert fresh.cached_tokens == 0 and again.cached_tokens == 0  # prefix_slots=0: no reuse at all
     assert reused.token_ids == fresh.token_ids
     got = torch.tensor([lp.logprob for lp in reused.logprobs])
     want = torch.tensor([lp.logprob for lp in fresh.logprobs])

@@ -168,6 +168,8 @@ class Engine:
         self.max_running, self.max_waiting, self.prefill_chunk = max_running, max_waiting, prefill_chunk
         self.vocab_limit = min(config.vocab_size, len(tokenizer))
         self.logits_processors = list(logits_processors or [])  # applied to every request, before its own
+        # prefix_slots > 0: finished sequences keep their KV (in any idle slot) for prompts that extend them.
+        self.prefix_cache = prefix_slots > 0
         self.cache = SlotKVCache(config, max_running + prefix_slots, self.max_context, model.dtype, model.device)
         self._token_bytes = tokenizer.tokenizer.decode_single_token_bytes
         self._waiting: deque[_Sequence] = deque()
@@ -393,7 +395,7 @@ class Engine:
         self._release(seq, cache=reason != "cancelled" and seq.prefilled == len(seq.prompt))
 
     def _release(self, seq: _Sequence, cache: bool) -> None:
-        if cache:  # keep the KV for a prompt that extends this one
+        if cache and self.prefix_cache:  # keep the KV for a prompt that extends this one
             self._idle_slots[seq.slot] = (seq.prompt + seq.generated[:-1], seq.alpha)
         else:
             self._free_slots.append(seq.slot)
