@@ -495,11 +495,13 @@ def _chat_inputs(model, tokenizer, query, history, system, stop_words_ids, gener
     input_ids = torch.tensor([context_tokens], device=model.device)
     return context_tokens, input_ids, stop_words_ids, generation_config
 
+
 def _decode_reply(tokenizer, output_ids, context_length, chat_format) -> str:
     """The reply as chat() returns it, decoded from the generated tokens only: the original
     cut the decoded prompt + reply at the prompt's character count, which loses the reply's
     first characters when the prompt is not NFC-normalised (tokenising normalises it)."""
     return decode_tokens(output_ids[context_length:], tokenizer, 0, 0, chat_format=chat_format, errors="replace")
+
 
 def _chat_processors(model, tokenizer, logits_processor):
     """The caller's processors (copied), plus a mask of the ids chat() could not decode."""
@@ -508,8 +510,9 @@ def _chat_processors(model, tokenizer, logits_processor):
         processors.append(_MaskUndecodableIds(len(tokenizer)))
     return processors
 
+
 def chat(
-model,
+    model,
     tokenizer,
     query: str,
     history=None,
@@ -523,8 +526,8 @@ model,
     if stream is not None:
         raise ValueError("chat() does not stream; use chat_stream()")
     history = copy.deepcopy(check_history(history))
-    context_tokens, input_ids, stop_words_ids, generation_config = _chat_inputs(model, 
-        tokenizer, query, history, system, stop_words_ids, generation_config, kwargs
+    context_tokens, input_ids, stop_words_ids, generation_config = _chat_inputs(
+        model, tokenizer, query, history, system, stop_words_ids, generation_config, kwargs
     )
     logits_processor = _chat_processors(model, tokenizer, kwargs.pop("logits_processor", None))
     outputs = model.generate(
@@ -538,8 +541,9 @@ model,
     history.append((query, response))
     return response, history
 
+
 def chat_stream(
-model,
+    model,
     tokenizer,
     query: str,
     history=None,
@@ -551,8 +555,8 @@ model,
 ) -> Iterator[str]:
     """Yield the cumulative response text as tokens arrive; the last value equals what chat()
     returns for the same (greedy) generation. History is neither copied nor updated."""
-    context_tokens, input_ids, stop_words_ids, generation_config = _chat_inputs(model, 
-        tokenizer, query, history, system, stop_words_ids, generation_config, kwargs
+    context_tokens, input_ids, stop_words_ids, generation_config = _chat_inputs(
+        model, tokenizer, query, history, system, stop_words_ids, generation_config, kwargs
     )
     logits_processor = _chat_processors(model, tokenizer, logits_processor)
     queue = _TokenQueue()
