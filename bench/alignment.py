@@ -10,7 +10,6 @@ whether the greedy tokens agree.
 """
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -20,7 +19,7 @@ import torch
 from transformers import PreTrainedModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import DTYPES, SHAPES, cpu_model, decode, memory_read_bandwidth, random_qwen  # noqa: E402
+from decode import DTYPES, SHAPES, decode, print_machine, random_qwen  # noqa: E402
 
 from qwen import QWenLMHeadModel  # noqa: E402
 
@@ -57,9 +56,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"cpu: {cpu_model()} | capability {torch.backends.cpu.get_cpu_capability()} | "
-          f"torch threads {torch.get_num_threads()} | cores {os.cpu_count()}")
-    print(f"memory read bandwidth: {memory_read_bandwidth() / 1e9:.1f} GB/s (t.sum() over 1 GiB fp32, median of 5)")
+    print_machine()
     print(f"shape {args.shape}, prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.repeats} repeats")
     ids = torch.randint(0, args.vocab, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
     for name in args.dtypes:

@@ -61,6 +61,18 @@ def memory_read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     return t.numel() * 4 / statistics.median(times)
 
 
+def print_machine(bandwidth_gib: float = 1.0) -> float:
+    """Print what the numbers depend on (CPU, torch's kernels, threads, load, versions) and the
+    measured read bandwidth, which it returns in bytes/s."""
+    print(f"cpu: {cpu_model()} | capability {torch.backends.cpu.get_cpu_capability()} | "
+          f"torch threads {torch.get_num_threads()} | cores {os.cpu_count()}")
+    print(f"torch {torch.__version__} | transformers {transformers.__version__} | python {platform.python_version()} "
+          f"| load average {os.getloadavg()[0]:.2f} (other processes skew the numbers)")
+    bandwidth = memory_read_bandwidth(bandwidth_gib)
+    print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s (t.sum() over {bandwidth_gib:g} GiB fp32, median of 5)")
+    return bandwidth
+
+
 # ----------------------------------------------------------------------------- models
 
 
@@ -180,12 +192,7 @@ def main(argv=None):
             shape[key] = getattr(args, key)
     dtype = DTYPES[args.dtype]
 
-    print(f"cpu: {cpu_model()} | capability {torch.backends.cpu.get_cpu_capability()} | "
-          f"torch threads {torch.get_num_threads()} | cores {os.cpu_count()}")
-    print(f"torch {torch.__version__} | transformers {transformers.__version__} | python {platform.python_version()} "
-          f"| load average {os.getloadavg()[0]:.2f} (other processes skew the numbers)")
-    bandwidth = memory_read_bandwidth(args.bandwidth_gib)
-    print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s (t.sum() over {args.bandwidth_gib:g} GiB fp32, median of 5)")
+    bandwidth = print_machine(args.bandwidth_gib)
 
     start = time.perf_counter()
     ours, theirs = build_models(shape, args.vocab, args.seq_length, dtype, args.seed)

@@ -10,7 +10,6 @@ their ratio, then the time to first token of each turn of a 5-turn chat with reu
 """
 
 import argparse
-import os
 import statistics
 import sys
 import threading
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import DTYPES, SHAPES, cpu_model, memory_read_bandwidth, random_qwen  # noqa: E402
+from decode import DTYPES, SHAPES, print_machine, random_qwen  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from qwen import QWenTokenizer, make_context  # noqa: E402
@@ -80,9 +79,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"cpu: {cpu_model()} | capability {torch.backends.cpu.get_cpu_capability()} | "
-          f"torch threads {torch.get_num_threads()} | cores {os.cpu_count()} | load average {os.getloadavg()[0]:.2f}")
-    print(f"memory read bandwidth: {memory_read_bandwidth() / 1e9:.1f} GB/s (t.sum() over 1 GiB fp32, median of 5)")
+    print_machine()
     tokenizer = QWenTokenizer(find_qwen_tiktoken())
     model = random_qwen(SHAPES[args.shape], len(tokenizer), 8192, DTYPES[args.dtype], seed=0)
     params = sum(p.numel() for p in model.parameters())

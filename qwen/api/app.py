@@ -515,6 +515,18 @@ async def collect(request: Request, streams) -> list[list]:
         _cancel(streams)
 
 
+async def collect_choices(state: ServerState, request: Request, streams) -> list[list] | None:
+    """Every choice's outputs of a non-streamed request; None when the client has left."""
+    try:
+        return await collect(request, streams)
+    except ClientGone:
+        return None
+    except Exception as exc:  # noqa: BLE001
+        raise _engine_failure(exc) from None
+    finally:
+        state.request_done()
+
+
 def _engine_failure(exc: BaseException) -> APIError:
     if isinstance(getattr(exc, "http_status", None), int):  # an upstream's failure (qwen.serving.upstream)
         return APIError(exc.http_status, str(exc), getattr(exc, "error_type", "server_error"),
@@ -1006,14 +1018,9 @@ def create_app(
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return _sse(chat_stream(state, plan, streams, meta, token_text, bool(req.logprobs), include_usage))
-        try:
-            results = await collect(request, streams)
-        except ClientGone:
+        results = await collect_choices(state, request, streams)
+        if results is None:
             return Response(status_code=499)
-        except Exception as exc:  # noqa: BLE001
-            raise _engine_failure(exc) from None
-        finally:
-            state.request_done()
         choices, completion_tokens, cached = [], 0, 0
         for i, outputs in enumerate(results):
             choice, used = chat_choice(plan, i, outputs, token_text, bool(req.logprobs))
@@ -1056,14 +1063,9 @@ def create_app(
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return _sse(completion_stream(state, jobs, streams, meta, token_text, req.logprobs, bool(req.echo),
                                           include_usage, prompt_tokens))
-        try:
-            results = await collect(request, streams)
-        except ClientGone:
+        results = await collect_choices(state, request, streams)
+        if results is None:
             return Response(status_code=499)
-        except Exception as exc:  # noqa: BLE001
-            raise _engine_failure(exc) from None
-        finally:
-            state.request_done()
         choices, completion_tokens = [], 0
         for i, outputs in enumerate(results):
             text = "".join(out.text for out in outputs)
