@@ -10,6 +10,7 @@ their ratio, then the time to first token of each turn of a 5-turn chat with reu
 """
 
 import argparse
+import functools
 import statistics
 import sys
 import threading
@@ -26,15 +27,35 @@ from qwen import QWenTokenizer, make_context  # noqa: E402
 from qwen.serving import Engine, SamplingParams  # noqa: E402
 from qwen.vocab import find_qwen_tiktoken  # noqa: E402
 
-def run_clients(engine, prompts, new_tokens):
-    """Every prompt streamed by its own thread at once: (tokens/s overall, TTFTs, inter-token gaps)."""
+def engine_token_times(engine, ids, new_tokens):
+    """Arrival time of each new token of one greedy request, straight from the engine."""
+    params = SamplingParams(max_new_tokens=new_tokens, do_sample=False)
+    return [time.perf_counter() for out in engine.submit(ids, params) if out.token_ids]
+
+
+def http_token_times(url, ids, new_tokens):
+    """The same through the OpenAI-compatible server: a streamed /v1/completions request."""
+    import httpx
+
+    body = {"model": "bench", "prompt": ids, "max_tokens": new_tokens, "temperature": 0, "stream": True,
+            "repetition_penalty": 1.0, "top_k": 0, "top_p": 1.0}
+    times = []
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {") and '"text":""' not in line.replace(" ", ""):
+                times.append(time.perf_counter())
+    return times
+
+
+def run_clients(token_times, prompts):
+    """Every prompt streamed by its own thread at once: (tokens/s overall, TTFTs, inter-token gaps).
+    `token_times(ids)` runs one request and returns its tokens' arrival times."""
     ttft, gaps, counts = [], [], []
     lock = threading.Lock()
-    params = SamplingParams(max_new_tokens=new_tokens, do_sample=False)
 
     def client(ids):
         start = time.perf_counter()
-        times = [time.perf_counter() for out in engine.submit(ids, params) if out.token_ids]
+        times = token_times(ids)
         with lock:
             ttft.append(times[0] - start)
             gaps.extend(b - a for a, b in zip(times, times[1:]))
@@ -73,9 +94,12 @@ def main(argv=None):
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--turns", type=int, default=5)
+    parser.add_argument("--turns", type=int, default=5, help="turns of the multi-turn chat (0: skip it)")
     parser.add_argument("--turn-words", type=int, default=100, help="words per user turn in the multi-turn test")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--http", action="store_true",
+                        help="clients go through openai_api's app on loopback (streamed /v1/completions) instead of "
+                        "calling the engine")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -89,22 +113,39 @@ def main(argv=None):
     serial = Engine(model, tokenizer, max_running=1, max_context=context, max_waiting=1024, prefix_slots=0)
     generator = torch.Generator().manual_seed(0)
     print(f"\nprompt {args.prompt_len} tokens, {args.new_tokens} new tokens per client (greedy), {args.repeats} repeats")
-    print(f"{'clients':>7} {'engine':>9} {'tok/s':>8} {'TTFT ms':>9} {'ITL ms':>8}")
+    print(f"{'clients':>7} {'engine':>9} {'tok/s':>8} {'TTFT ms':>9} {'ITL ms':>8}"
+          + ("   (through the HTTP server)" if args.http else ""))
+    runners, servers = {}, []
+    for name, engine in (("batching", batching), ("serial", serial)):
+        if args.http:
+            from qwen.api.app import create_app
+            from qwen.api.server import BackgroundServer
+
+            servers.append(BackgroundServer(create_app(engine, disable_gc=True)).start())
+            runners[name] = functools.partial(http_token_times, servers[-1].url, new_tokens=args.new_tokens)
+        else:
+            runners[name] = functools.partial(engine_token_times, engine, new_tokens=args.new_tokens)
+    for runner in runners.values():  # warm-up: first-call paths, the HTTP stack
+        runner(torch.randint(0, 150000, (args.prompt_len,), generator=generator).tolist())
     for clients in args.clients:
         rates = {}
-        for name, engine in (("batching", batching), ("serial", serial)):
+        for name in runners:
             results = []
             for _ in range(args.repeats):
                 prompts = [torch.randint(0, 150000, (args.prompt_len,), generator=generator).tolist() for _ in range(clients)]
-                results.append(run_clients(engine, prompts, args.new_tokens))
+                results.append(run_clients(runners[name], prompts))
             rates[name] = statistics.median(r[0] for r in results)
             ttft = statistics.median(t for r in results for t in r[1])
             gaps = [g for r in results for g in r[2]]
             itl = statistics.median(gaps) if gaps else float("nan")
             print(f"{clients:>7} {name:>9} {rates[name]:>8.1f} {ttft * 1e3:>9.0f} {itl * 1e3:>8.1f}")
         print(f"{clients:>7} {'ratio':>9} {rates['batching'] / rates['serial']:>8.2f}x aggregate tokens/s, batching/serial")
+    for server in servers:
+        server.stop()
     serial.shutdown()
     batching.shutdown()
+    if args.turns < 1:
+        return 0
     # One chat at a time; its words take up to ~8 tokens each (the tag makes them rare).
     chat_context = args.turns * (8 * args.turn_words + 64) + 64
     reuse_on = Engine(model, tokenizer, max_running=1, max_context=chat_context, prefix_slots=2)

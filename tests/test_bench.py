@@ -35,8 +35,10 @@ def test_alignment_bench(dtype):
     assert "ratio aligned/mapped" in out and "greedy tokens identical: True" in out
 
 
-def test_serving_bench():
+@pytest.mark.parametrize("through", [[], ["--http"]], ids=["engine", "http"])
+def test_serving_bench(through):
     out = run_bench("serving.py", "--shape", "tiny", "--clients", "1", "2", "--prompt-len", "8", "--new-tokens", "4",
-                    "--repeats", "1", "--turns", "2", "--turn-words", "5")
+                    "--repeats", "1", "--turns", "2", "--turn-words", "5", *through)
     assert "x aggregate tokens/s, batching/serial" in out
+    assert ("through the HTTP server" in out) == bool(through)
     assert "reuse on:" in out and "reuse off:" in out
