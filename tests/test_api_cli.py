@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from helpers import free_port
 
 from qwen.api.server import main, parse_args
 
@@ -21,12 +21,6 @@ SCRIPT = ROOT / "openai_api.py"
 def run(*args, timeout=120):
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, check=False,
                           cwd=ROOT)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_help_lists_every_option():

@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from helpers import free_port
 
 from qwen.api.app import create_app
 from qwen.api.server import BackgroundServer, load_upstream_engine
@@ -47,12 +47,6 @@ SLOW = threading.Event()  # while set, A's engine takes 30 ms per token (to catc
 def _slow_down(generated, logits):
     if SLOW.is_set():
         time.sleep(0.03)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def upstream_args(url, **overrides):

@@ -8,7 +8,6 @@ grouped into a few sessions.
 """
 
 import copy
-import json
 import os
 import re
 import shutil
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pexpect
 import pytest
+from helpers import edit_json, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 60
@@ -298,20 +298,6 @@ def run_demo(*args, stdin=b"", env=None, module=None):
 
 def error_lines(stderr):
     return [line for line in stderr.splitlines() if line.startswith("error:")]
-
-
-def edit_json(path, **changes):
-    data = json.loads(path.read_text(encoding="utf-8"))
-    data.update(changes)
-    path.write_text(json.dumps(data), encoding="utf-8")
-
-
-def free_port():
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def offline_env(tmp_path, **extra):

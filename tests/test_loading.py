@@ -5,6 +5,7 @@ import shutil
 import socket
 
 import pytest
+from helpers import edit_json, free_port
 
 from qwen.loading import (
     CheckpointError,
@@ -35,18 +36,6 @@ def copy_of(source, tmp_path, name="copy"):
     target = tmp_path / name
     shutil.copytree(source, target)
     return target
-
-
-def edit_json(path, **changes):
-    data = json.loads(path.read_text(encoding="utf-8"))
-    data.update(changes)
-    path.write_text(json.dumps(data), encoding="utf-8")
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # -- error_text ---------------------------------------------------------------------------

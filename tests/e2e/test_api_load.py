@@ -30,6 +30,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from helpers import free_port
 from openai.types.chat import ChatCompletionChunk
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -40,12 +41,6 @@ CLIENTS = 32  # concurrent streaming clients; the server runs them all at once (
 MAX_CONTEXT = 2048
 STARTUP_TIMEOUT = 180.0
 REQUEST_TIMEOUT = 180.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:
