@@ -181,7 +181,63 @@ def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> t
     return scale * (q - zero)
 
 
-class Int8KVLayer(DynamicLayer):
+def _extend(buffer: torch.Tensor | None, view: torch.Tensor | None, new: torch.Tensor, limit: int | None):
+    """Write `new` [B, N, t, x] after `view` (the tokens cached so far, a prefix view of `buffer`) in
+    place, and return (buffer, view of all tokens). The buffer grows by doubling (at most to `limit`
+    tokens, when known), so a decode step writes one token instead of copying the whole history."""
+    length = 0 if view is None else view.shape[-2]
+    end = length + new.shape[-2]
+    fits = (
+        buffer is not None
+        and view is not None
+        and view.data_ptr() == buffer.data_ptr()
+        and view.stride() == buffer.stride()  # still a prefix view (crop keeps it; reordering does not)
+        and buffer.shape[:2] == new.shape[:2]
+        and end <= buffer.shape[-2]
+    )
+    if not fits:
+        old = 0 if buffer is None else buffer.shape[-2]
+        capacity = max(end + 256, 2 * old)
+        if limit:
+            capacity = max(min(capacity, limit), end)
+        fresh = new.new_empty(*new.shape[:2], capacity, new.shape[-1])
+        if length:
+            fresh[..., :length, :].copy_(view)
+        buffer = fresh
+    buffer[..., length:end, :].copy_(new)
+    return buffer, buffer[..., :end, :]
+
+
+class PreallocatedLayer(DynamicLayer):
+    """One layer of the KV cache: keys/values [B, N, K, d] written in place into a growing buffer
+    (views of it are what attention reads); transformers' DynamicLayer concatenates every step."""
+
+    def __init__(self, limit: int | None = None):
+        super().__init__()
+        self.limit = limit
+        self._buffers = {}
+
+    def _append(self, name: str, view, new):
+        self._buffers[name], view = _extend(self._buffers.get(name), view, new, self.limit)
+        return view
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self.keys = self.values = None
+        self.keys = self._append("keys", self.keys, key_states)
+        self.values = self._append("values", self.values, value_states)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return 0 if not self.is_initialized or self.keys is None else self.keys.shape[-2]
+
+    def reset(self):
+        self._buffers = {}
+        super().reset()
+
+
+class Int8KVLayer(PreallocatedLayer):
     """One layer of the int8 KV cache: uint8 keys/values [B, N, K, d] with per-token scale and zero
     [B, N, K, 1]. `update` returns the dequantized full keys and values, as the original's torch path."""
 
@@ -193,22 +249,15 @@ class Int8KVLayer(DynamicLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        qk, k_scale, k_zero = quantize_kv(key_states)
-        qv, v_scale, v_zero = quantize_kv(value_states)
-        if self.keys is None:
-            self.keys, self.key_params = qk, (k_scale, k_zero)
-            self.values, self.value_params = qv, (v_scale, v_zero)
-        else:
-            self.keys = torch.cat([self.keys, qk], dim=-2)
-            self.values = torch.cat([self.values, qv], dim=-2)
-            self.key_params = tuple(torch.cat([a, b], dim=-2) for a, b in zip(self.key_params, (k_scale, k_zero)))
-            self.value_params = tuple(
-                torch.cat([a, b], dim=-2) for a, b in zip(self.value_params, (v_scale, v_zero))
-            )
+        for name, states in (("key", key_states), ("value", value_states)):
+            q, scale, zero = quantize_kv(states)
+            stored = getattr(self, name + "s")
+            params = getattr(self, name + "_params") or (None, None)
+            setattr(self, name + "s", self._append(name, stored, q))
+            setattr(self, name + "_params", (
+                self._append(name + "_scale", params[0], scale), self._append(name + "_zero", params[1], zero),
+            ))
         return dequantize_kv(self.keys, *self.key_params), dequantize_kv(self.values, *self.value_params)
-
-    def get_seq_length(self) -> int:
-        return 0 if not self.is_initialized or self.keys is None else self.keys.shape[-2]
 
     def _map(self, fn):
         if self.keys is not None:
@@ -235,15 +284,17 @@ class Int8KVLayer(DynamicLayer):
         self.keys = self.values = None
         self.key_params = self.value_params = None
         self.is_initialized = False
+        self._buffers = {}
 
 
 class QWenCache(DynamicCache):
-    """The KV cache (plain or int8 per `config.use_cache_quantization`) plus the dynamic-NTK alphas
-    chosen at prefill, which later decoding steps keep (as the original does)."""
+    """The KV cache (plain or int8 per `config.use_cache_quantization`), preallocated and written in
+    place, plus the dynamic-NTK alphas chosen at prefill, which later decoding steps keep (as the
+    original does). `max_length`, when known (generate knows it), caps how far the buffers grow."""
 
-    def __init__(self, config: QWenConfig):
-        layer_class = Int8KVLayer if config.use_cache_quantization else DynamicLayer
-        Cache.__init__(self, layers=[layer_class() for _ in range(config.num_hidden_layers)])
+    def __init__(self, config: QWenConfig, max_length: int | None = None):
+        layer_class = Int8KVLayer if config.use_cache_quantization else PreallocatedLayer
+        Cache.__init__(self, layers=[layer_class(max_length) for _ in range(config.num_hidden_layers)])
         self.ntk_alphas: list[float] | None = None
 
 
@@ -396,10 +447,23 @@ class QWenModel(QWenPreTrainedModel):
         head_dim = config.hidden_size // config.num_attention_heads
         self.rotary_dim = head_dim if config.rotary_pct == 1.0 else int(config.kv_channels * config.rotary_pct)
         self.gradient_checkpointing = False
+        self._rotary_tables: dict = {}  # (alpha, device) -> cos, sin [positions, rotary_dim]
         self.post_init()
 
     def get_input_embeddings(self):
         return self.wte
+
+    def _rotary_table(self, alpha: float, end: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for positions 0..end-1 (or more) at this NTK alpha, computed once and grown by
+        doubling; a row of it is bit-identical to computing that position alone."""
+        key = (alpha, str(device))
+        table = self._rotary_tables.get(key)
+        if table is None or table[0].shape[0] < end:
+            size = max(end, 2 * (table[0].shape[0] if table is not None else 256))
+            base = float(self.config.rotary_emb_base)
+            table = rotary_cos_sin(torch.arange(size, device=device), self.rotary_dim, base, alpha)
+            self._rotary_tables[key] = table
+        return table
 
     def set_input_embeddings(self, value):
         self.wte = value
@@ -421,10 +485,10 @@ class QWenModel(QWenPreTrainedModel):
         return alphas
 
     def _rotary(self, alphas, query_len, key_len, device):
-        positions = torch.arange(key_len - query_len, key_len, device=device)
-        tables = {a: rotary_cos_sin(positions, self.rotary_dim, float(self.config.rotary_emb_base), a) for a in set(alphas)}
-        cos = torch.stack([tables[a][0] for a in alphas])[:, None]  # [B or 1, 1, T, D]
-        sin = torch.stack([tables[a][1] for a in alphas])[:, None]
+        start = key_len - query_len
+        tables = {a: self._rotary_table(a, key_len, device) for a in set(alphas)}
+        cos = torch.stack([tables[a][0][start:key_len] for a in alphas])[:, None]  # [B or 1, 1, T, D]
+        sin = torch.stack([tables[a][1][start:key_len] for a in alphas])[:, None]
         return cos, sin
 
     def _row_layout(self, rows, query_len, dtype, device):
@@ -434,10 +498,12 @@ class QWenModel(QWenPreTrainedModel):
         Positions are host integers: nothing here waits on the device."""
         starts = list(rows.row_starts)
         positions = torch.tensor(starts, device=device)[:, None] + torch.arange(query_len, device=device)
-        base = float(self.config.rotary_emb_base)
-        tables = [rotary_cos_sin(positions[b], self.rotary_dim, base, a) for b, a in enumerate(rows.row_alphas)]
-        rotary = torch.stack([c for c, _ in tables])[:, None], torch.stack([s for _, s in tables])[:, None]
         key_len = max(starts) + query_len
+        tables = [self._rotary_table(a, s + query_len, device) for s, a in zip(starts, rows.row_alphas)]
+        rotary = (
+            torch.stack([c[s : s + query_len] for (c, _), s in zip(tables, starts)])[:, None],
+            torch.stack([t[s : s + query_len] for (_, t), s in zip(tables, starts)])[:, None],
+        )
         seq_length = self.config.seq_length
         logn = None
         if self.config.use_logn_attn and key_len > seq_length:
@@ -556,17 +622,68 @@ def _parse_dtype(dtype):
     return dtype
 
 
-def align_cpu_tensors(model: nn.Module, alignment: int = 64) -> None:
+def _unmodified_file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's file mappings that hold no privately modified page: every
+    page still reads back from the file (Linux /proc/self/smaps; empty elsewhere)."""
+    try:
+        with open("/proc/self/smaps") as smaps:
+            lines = smaps.read().splitlines()
+    except OSError:
+        return []
+    ranges, current = [], None
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if fields and "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's header line
+            current = None
+            if len(fields) == 6 and fields[5].startswith("/"):
+                low, high = (int(x, 16) for x in fields[0].split("-"))
+                current = (low, high)
+        elif current is not None and fields[:1] == ["Anonymous:"]:
+            if fields[1] == "0":
+                ranges.append(current)
+            current = None
+    return ranges
+
+
+def _release_pages(address: int, length: int) -> None:
+    """Drop the whole pages of [address, address + length) from the resident set. Only used on
+    unmodified file mappings: their pages stay in the page cache and read back unchanged if touched."""
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    first, last = -(-address // page) * page, (address + length) // page * page
+    if last > first:
+        ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED
+
+
+def align_cpu_tensors(model: nn.Module, alignment: int = 64, chunk_bytes: int = 64 << 20) -> None:
     """Move every CPU parameter and buffer that is not `alignment`-byte aligned into fresh memory.
 
     transformers 5 leaves safetensors weights as zero-copy views into the memory-mapped file, at
     8-byte-aligned offsets. torch's single-row matmul (every decode step) sums in another order on
     such memory, so results drift from the original (whose transformers 4 copied the weights) by an
-    ulp, which the int8 KV cache's truncation turns into whole quantisation steps. One tensor at a
-    time, so the peak is one tensor above the model; ties survive since each object is moved once."""
+    ulp, which the int8 KV cache's truncation turns into whole quantisation steps. Tensors are copied
+    one at a time, in chunks, and the file pages already copied leave the resident set at once, so
+    loading peaks at about the model's size (not twice it); ties survive since each object is moved once."""
+    mappings = None
     for tensor in list(model.parameters()) + list(model.buffers()):
-        if tensor.device.type == "cpu" and tensor.numel() and tensor.data_ptr() % alignment:
-            tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)
+        if tensor.device.type != "cpu" or not tensor.numel() or tensor.data_ptr() % alignment == 0:
+            continue
+        source = tensor.data
+        fresh = torch.empty_like(source, memory_format=torch.contiguous_format)
+        if mappings is None:
+            mappings = _unmodified_file_mappings()
+        address = source.data_ptr()
+        mapped = source.is_contiguous() and any(low <= address < high for low, high in mappings)
+        if not mapped:
+            fresh.copy_(source)
+        else:
+            src, dst = source.reshape(-1).view(torch.uint8), fresh.view(-1).view(torch.uint8)
+            for begin in range(0, src.numel(), chunk_bytes):
+                dst[begin : begin + chunk_bytes].copy_(src[begin : begin + chunk_bytes])
+                _release_pages(address + begin, min(chunk_bytes, src.numel() - begin))
+        tensor.data = fresh
 
 
 def _unreadable_safetensors(directory) -> str:
@@ -746,7 +863,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
             and generation_config.use_cache is not False
             and generation_config.cache_implementation in (None, "dynamic")
         ):
-            model_kwargs["cache"] = QWenCache(self.config)
+            model_kwargs["cache"] = QWenCache(self.config, generation_config.max_length)
             return
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 

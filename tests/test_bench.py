@@ -2,6 +2,7 @@
 print the figures they promise: machine, bandwidth, baseline ratio."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,3 +43,10 @@ def test_serving_bench(through):
     assert "x aggregate tokens/s, batching/serial" in out
     assert ("through the HTTP server" in out) == bool(through)
     assert "reuse on:" in out and "reuse off:" in out
+
+
+def test_memory_bench():
+    out = run_bench("memory.py", "--shape", "tiny", "--vocab", "1024", "--bandwidth-gib", "0.1")
+    assert "peak RSS growth" in out and "all parameters 64-byte aligned: True" in out
+    plain, int8 = (float(x) for x in re.findall(r"(?:plain|int8) ([\d.]+) KiB", out))
+    assert 0 < int8 < plain

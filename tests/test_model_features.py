@@ -237,3 +237,56 @@ def test_7b_shape_has_the_published_parameter_count():
     assert model.num_parameters() == 7_721_324_544
     names = {name for name, _ in model.named_parameters()}
     assert "transformer.h.31.attn.c_attn.bias" in names and "transformer.h.0.mlp.c_proj.bias" not in names
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_cache_writes_decode_steps_in_place(int8):
+    """Decoding writes each token into the preallocated buffer (no per-step copy of the history),
+    and gives exactly the logits of a cache that is rebuilt from scratch by concatenation."""
+    model = tiny_model(use_cache_quantization=int8)
+    cache = QWenCache(model.config, max_length=40)
+    with torch.no_grad():
+        model(IDS[:, :10], cache=cache, use_cache=True)
+        layer = cache.layers[1]
+        first = layer.keys.data_ptr()
+        steps = [model(IDS[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(10, 24)]
+    assert layer.keys.data_ptr() == first and layer.get_seq_length() == 24
+    assert layer._buffers["keys" if not int8 else "key"].shape[-2] <= 40  # capped by max_length
+    reference = tiny_model(use_cache_quantization=int8)
+    reference_cache = QWenCache(reference.config)
+    with torch.no_grad():
+        reference(IDS[:, :10], cache=reference_cache, use_cache=True)
+        for t, got in zip(range(10, 24), steps):
+            # Every step on a fresh copy of the history: contiguous tensors, nothing shared.
+            for lay in reference_cache.layers:
+                lay._buffers = {}
+                if int8:
+                    lay.keys, lay.values = lay.keys.clone(), lay.values.clone()
+                    lay.key_params = tuple(p.clone() for p in lay.key_params)
+                    lay.value_params = tuple(p.clone() for p in lay.value_params)
+                else:
+                    lay.keys, lay.values = lay.keys.clone(), lay.values.clone()
+            want = reference(IDS[:, t : t + 1], cache=reference_cache, use_cache=True).logits
+            assert torch.equal(got, want)
+
+
+def test_cache_grows_past_its_first_buffer_and_survives_crop_and_reorder():
+    model = tiny_model()
+    cache = QWenCache(model.config)  # no max_length: grows by doubling
+    with torch.no_grad():
+        model(IDS[:, :4], cache=cache, use_cache=True)
+        cache.crop(-1)  # drop the newest token
+        assert cache.get_seq_length() == 3
+        cache.reorder_cache(torch.tensor([1, 0]))
+        out = model(IDS.flip(0)[:, 3:24], cache=cache, use_cache=True).logits
+    full = logits(model, IDS.flip(0))
+    torch.testing.assert_close(out, full[:, 3:], atol=1e-5, rtol=1e-5)
+
+
+def test_rotary_table_rows_equal_positions_computed_alone():
+    model = tiny_model()
+    cos, sin = model.transformer._rotary_table(3.0, 700, torch.device("cpu"))
+    assert cos.shape[0] >= 700
+    for position in (0, 1, 255, 256, 699):
+        alone = rotary_cos_sin(torch.tensor([position]), model.transformer.rotary_dim, 10000.0, 3.0)
+        assert torch.equal(cos[position], alone[0][0]) and torch.equal(sin[position], alone[1][0])
