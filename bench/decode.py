@@ -2,10 +2,13 @@
 holding the same weights (exported in memory by qwen.tools.export_qwen2), measured in one run.
 
     python bench/decode.py [--shape {default,1_8b}] [--dtype bfloat16] [--prompt-len 256] [--new-tokens 64]
+    python bench/decode.py --shape 1_8b --dtype int8 --batch 8     # weight-only int8 (int4, int4:32...), 8 rows
 
 It first prints the machine (CPU model, torch's CPU capability, threads) and a measured memory-read
 bandwidth, then the model's weight bytes and the decode roofline they imply, then medians for both
-models and the ratio ours/qwen2. The default shape needs about 2 GB in bf16 (4 GB in fp32) for the two
+models and the ratio ours/qwen2. With --dtype int8 / int4[:group] ours holds weight-only quantized
+weights (bf16 activations) while qwen2 keeps bf16: the ratio is then the gain over transformers' bf16.
+--batch B decodes B prompts at once (tokens/s counts all rows). The default shape needs about 2 GB in bf16 (4 GB in fp32) for the two
 models; --shape 1_8b (Qwen-1.8B) needs about 8 GB in bf16 (16 GB in fp32).
 """
 
@@ -34,6 +37,7 @@ SHAPES = {
     "tiny": dict(hidden=64, layers=2, heads=4, intermediate=256),  # for smoke tests of the scripts
 }
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+QUANTIZED = ("int8", "int4", "int4:32", "int4:64", "int4:128")  # weight-only, bf16 activations
 
 
 # ----------------------------------------------------------------------------- machine
@@ -111,10 +115,16 @@ def random_qwen(shape: dict, vocab: int, seq_length: int, dtype: torch.dtype, se
 
 
 def weight_bytes(model) -> tuple[int, int]:
-    """(all weight bytes, bytes read per decoded token): the embedding table is only gathered (one row)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    """(all weight bytes, bytes read per decode step): the embedding table is only gathered (one row).
+    Quantized layers count what their kernel reads (`bytes_read`), not the copies they keep."""
+    total = read = 0
+    for module in model.modules():
+        own = [t for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))]
+        size = sum(t.numel() * t.element_size() for t in own)
+        total += size
+        read += getattr(module, "bytes_read", lambda: size)()
     embedding = model.get_input_embeddings().weight
-    return total, total - embedding.numel() * embedding.element_size()
+    return total, read - embedding.numel() * embedding.element_size()
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -154,7 +164,7 @@ def decode(model, ids, new_tokens: int) -> tuple[float, torch.Tensor]:
         streamer=clock,
     )
     first, last = clock.times[1], clock.times[-1]
-    return (len(clock.times) - 2) / (last - first), out[0, ids.shape[1]:]
+    return ids.shape[0] * (len(clock.times) - 2) / (last - first), out[:, ids.shape[1]:]
 
 
 def main(argv=None):
@@ -172,7 +182,9 @@ def main(argv=None):
     parser.add_argument("--intermediate", type=int, help="override the shape's intermediate_size (both branches)")
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--seq-length", type=int, default=8192)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    parser.add_argument("--dtype", choices=sorted(DTYPES) + list(QUANTIZED), default="bfloat16",
+                        help="weights of ours (int8/int4[:group]: quantized from bf16; qwen2 stays bf16)")
+    parser.add_argument("--batch", type=int, default=1, help="prompts decoded together (rows per step)")
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
@@ -190,25 +202,31 @@ def main(argv=None):
     for key in ("hidden", "layers", "heads", "intermediate"):
         if getattr(args, key):
             shape[key] = getattr(args, key)
-    dtype = DTYPES[args.dtype]
+    quantization = args.dtype if args.dtype in QUANTIZED else None
+    dtype = torch.bfloat16 if quantization else DTYPES[args.dtype]
 
     bandwidth = print_machine(args.bandwidth_gib)
 
     start = time.perf_counter()
     ours, theirs = build_models(shape, args.vocab, args.seq_length, dtype, args.seed)
-    total, per_token = weight_bytes(ours)
-    print(f"model: hidden {shape['hidden']}, layers {shape['layers']}, heads {shape['heads']}, "
-          f"intermediate {shape['intermediate']}, vocab {args.vocab}, {args.dtype} (built in "
-          f"{time.perf_counter() - start:.1f} s)")
-    print(f"weights: {total / 1e9:.3f} GB each; read per decoded token (all but the embedding table): "
-          f"{per_token / 1e9:.3f} GB")
-    roofline = bandwidth / per_token
-    print(f"decode roofline: {roofline:.1f} tokens/s (bandwidth / bytes read per token)")
-    print(f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens (greedy), {args.repeats} repeats, "
-          "models interleaved")
+    if quantization:
+        from qwen.quantization import quantize_model
 
-    ids = torch.randint(0, args.vocab, (1, args.prompt_len), generator=torch.Generator().manual_seed(args.seed))
+        quantize_model(ours, quantization)
+    print(f"model: hidden {shape['hidden']}, layers {shape['layers']}, heads {shape['heads']}, "
+          f"intermediate {shape['intermediate']}, vocab {args.vocab}, ours {args.dtype}, qwen2 {'bfloat16' if quantization else args.dtype} "
+          f"(built in {time.perf_counter() - start:.1f} s)")
     models = {"ours": ours, "qwen2": theirs}
+    roofline = {}
+    for name, model in models.items():
+        total, per_step = weight_bytes(model)
+        roofline[name] = args.batch * bandwidth / per_step
+        print(f"{name:<6} weights {total / 1e9:.3f} GB; read per decode step (all but the embedding table) "
+              f"{per_step / 1e9:.3f} GB; roofline {roofline[name]:.1f} tokens/s (batch x bandwidth / bytes per step)")
+    print(f"prompt {args.prompt_len} tokens x batch {args.batch}, {args.new_tokens} new tokens (greedy), "
+          f"{args.repeats} repeats, models interleaved")
+
+    ids = torch.randint(0, args.vocab, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(args.seed))
     for model in models.values():  # warm-up: allocator, kernels, first-call paths
         prefill_seconds(model, ids)
         decode(model, ids, 4)
@@ -226,7 +244,7 @@ def main(argv=None):
     print(f"{'model':<6} {'prefill ms (median)':>20} {'decode tok/s (median)':>22} {'% of roofline':>14}")
     for name in models:
         p, s = med[name]
-        print(f"{name:<6} {p * 1e3:>20.1f} {s:>22.2f} {100 * s / roofline:>13.0f}%")
+        print(f"{name:<6} {p * 1e3:>20.1f} {s:>22.2f} {100 * s / roofline[name]:>13.0f}%")
     prefill_ratio = med["ours"][0] / med["qwen2"][0]
     decode_ratio = med["ours"][1] / med["qwen2"][1]
     for name in models:
@@ -234,9 +252,9 @@ def main(argv=None):
               f"decode tok/s {[round(r, 2) for r in speed[name]]}")
     print(f"ratio ours/qwen2: prefill latency {prefill_ratio:.3f} (< 1: ours faster), "
           f"decode tokens/s {decode_ratio:.3f} (> 1: ours faster)")
-    same = (tokens["ours"] == tokens["qwen2"]).long()
+    same = (tokens["ours"][0] == tokens["qwen2"][0]).long()
     agree = int(same.cumprod(0).sum())
-    print(f"greedy tokens: {'identical' if agree == len(same) else f'first {agree} of {len(same)} identical'}"
+    print(f"greedy tokens (row 0): {'identical' if agree == len(same) else f'first {agree} of {len(same)} identical'}"
           f" | load average at the end {os.getloadavg()[0]:.2f}")
     return 0
 

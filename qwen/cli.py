@@ -24,7 +24,7 @@ import shutil
 import sys
 import unicodedata
 
-from .loading import CheckpointError, error_text, load_chat_model
+from .loading import CheckpointError, add_precision_arguments, error_text, load_chat_model
 
 DEFAULT_CKPT_PATH = "Qwen/Qwen-7B-Chat"
 DEFAULT_SEED = 1234
@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-s", "--seed", type=_seed, default=DEFAULT_SEED, help="random seed (default: %(default)s)")
     parser.add_argument("--cpu-only", action="store_true", help="run on the CPU even when a GPU is available")
+    add_precision_arguments(parser)
     parser.add_argument(
         "--max-new-tokens", type=_positive_int, default=None, metavar="N",
         help="override the checkpoint's max_new_tokens (default: the checkpoint's generation config)",
@@ -482,7 +483,9 @@ def main(argv=None) -> int:
     interactive = args.prompt is None and sys.stdin.isatty() and sys.stdout.isatty()
     _quiet_transformers(progress=interactive)
     try:
-        model, tokenizer = load_chat_model(args.checkpoint_path, args.cpu_only)
+        model, tokenizer = load_chat_model(
+            args.checkpoint_path, args.cpu_only, dtype=args.dtype, quantization=args.quantize
+        )
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

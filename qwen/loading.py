@@ -175,13 +175,42 @@ def check_chat_checkpoint(source: str, chat: bool = True) -> None:
         )
 
 
-def load_chat_model(path: str, cpu_only: bool = False, path_option: str = "-c"):
+DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
+
+
+def add_precision_arguments(parser) -> None:
+    """--dtype and --quantize, the same on every front end."""
+    parser.add_argument(
+        "--dtype", choices=DTYPE_CHOICES, default="auto",
+        help="weights and activations (default: auto, the checkpoint's bf16/fp16/fp32 flags or their auto rule)",
+    )
+    parser.add_argument(
+        "--quantize", type=_quantization, metavar="{int8,int4,int4:GROUP}",
+        help="weight-only quantization on load (int4 groups: 32, 64, 128, 256; default 128)",
+    )
+
+
+def _quantization(text: str) -> str:
+    import argparse
+
+    from .quantization import parse_quantization
+
+    try:
+        parse_quantization(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def load_chat_model(path: str, cpu_only: bool = False, path_option: str = "-c", **precision):
     """(model in eval mode, tokenizer) of the Qwen (v1) chat checkpoint at `path` (a directory or a
-    hub name). On the GPU(s) when there is one and `cpu_only` is false. Raises CheckpointError."""
-    return load_model(path, cpu_only=cpu_only, chat=True, path_option=path_option)
+    hub name). On the GPU(s) when there is one and `cpu_only` is false. Raises CheckpointError.
+    `dtype` ("auto" or a torch dtype name) and `quantization` ("int8", "int4[:group]") as load_model."""
+    return load_model(path, cpu_only=cpu_only, chat=True, path_option=path_option, **precision)
 
 
-def load_model(path: str, cpu_only: bool = False, chat: bool = True, path_option: str = "-c"):
+def load_model(path: str, cpu_only: bool = False, chat: bool = True, path_option: str = "-c",
+               dtype: str | None = None, quantization: str | None = None):
     """load_chat_model, also for base checkpoints when `chat` is false."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer  # `import qwen` registered our classes
@@ -191,7 +220,12 @@ def load_model(path: str, cpu_only: bool = False, chat: bool = True, path_option
     device_map = "cpu" if cpu_only or not torch.cuda.is_available() else "auto"
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, device_map=device_map).eval()
+        options = {"device_map": device_map}
+        if dtype not in (None, "auto"):
+            options["dtype"] = dtype
+        if quantization:
+            options["quantization"] = quantization
+        model = AutoModelForCausalLM.from_pretrained(source, **options).eval()
     except Exception as exc:  # noqa: BLE001  (whatever the files hold, the caller gets one line)
         raise CheckpointError(f"cannot load checkpoint {path}: {error_text(exc)}") from exc
     return model, tokenizer

@@ -719,7 +719,14 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """transformers' from_pretrained, plus the original's precision flags: an explicit
         `dtype`/`torch_dtype` wins (and sets the flags); otherwise the flags (or their auto rule) pick it.
-        Config fields such as `bf16=True` or `use_flash_attn=False` may be passed as keyword arguments."""
+        Config fields such as `bf16=True` or `use_flash_attn=False` may be passed as keyword arguments.
+        `quantization="int8"`, `"int4"` or `"int4:<group size>"` (32/64/128/256, default 64) replaces the
+        linear layers by weight-only quantized ones after loading (see qwen/quantization.py)."""
+        quantization = kwargs.pop("quantization", None)
+        if quantization is not None:
+            from .quantization import parse_quantization, quantize_model  # a remote-code file too
+
+            parse_quantization(quantization)  # a bad name fails before any weight is read
         config = kwargs.pop("config", None)
         check_local_checkpoint(pretrained_model_name_or_path, "config.json")
         if config is None or isinstance(config, (str, bytes)) or hasattr(config, "__fspath__"):
@@ -767,6 +774,8 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         if problems:
             shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
             raise ValueError(f"checkpoint {pretrained_model_name_or_path} does not fit its config: {shown}")
+        if quantization is not None:
+            quantize_model(model, quantization)  # before aligning: the float weights are then never copied
         align_cpu_tensors(model)
         return (model, info) if want_info else model
 
@@ -924,7 +933,9 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
 
 # Files written next to saved weights so `trust_remote_code=True` loaders find our implementation,
 # and the config.json entries that point at them.
-REMOTE_CODE_FILES = ("configuration_qwen.py", "modeling_qwen.py", "qwen_generation_utils.py", "tokenization_qwen.py")
+REMOTE_CODE_FILES = (
+    "configuration_qwen.py", "modeling_qwen.py", "qwen_generation_utils.py", "tokenization_qwen.py", "quantization.py",
+)
 CONFIG_AUTO_MAP = {
     "AutoConfig": "configuration_qwen.QWenConfig",
     "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel",

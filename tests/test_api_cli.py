@@ -113,3 +113,13 @@ def test_serves_a_checkpoint(tmp_path):
             proc.kill()
             raise
     assert proc.returncode == 0, err
+
+
+def test_precision_options(capsys):
+    args = parse_args(["--dtype", "float16", "--quantize", "int4:32"])
+    assert (args.dtype, args.quantize) == ("float16", "int4:32")
+    assert (parse_args([]).dtype, parse_args([]).quantize) == ("auto", None)
+    for bad, message in ((["--dtype", "int8"], "invalid choice"), (["--quantize", "int4:7"], "group size")):
+        with pytest.raises(SystemExit) as info:
+            parse_args(bad)
+        assert info.value.code == 2 and message in capsys.readouterr().err

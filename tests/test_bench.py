@@ -25,7 +25,7 @@ def run_bench(script, *args):
 def test_decode_bench():
     out = run_bench("decode.py", "--shape", "tiny", "--vocab", "1024", "--prompt-len", "8", "--new-tokens", "4",
                     "--repeats", "1", "--bandwidth-gib", "0.1")
-    assert "ratio ours/qwen2" in out and "greedy tokens: identical" in out
+    assert "ratio ours/qwen2" in out and "greedy tokens (row 0): identical" in out
 
 
 @pytest.mark.parametrize("dtype", ["float32"])
@@ -50,3 +50,22 @@ def test_memory_bench():
     assert "peak RSS growth" in out and "all parameters 64-byte aligned: True" in out
     plain, int8 = (float(x) for x in re.findall(r"(?:plain|int8) ([\d.]+) KiB", out))
     assert 0 < int8 < plain
+
+
+LLAMA_PYTHON = os.environ.get("QWEN_LLAMA_PYTHON", "/tmp/llama_venv/bin/python")
+
+
+def test_vs_llamacpp_bench():
+    """Runs where llama-cpp-python's virtualenv exists (README: "Against llama.cpp")."""
+    if not os.path.exists(LLAMA_PYTHON):
+        pytest.skip(f"no llama.cpp virtualenv at {LLAMA_PYTHON} (set QWEN_LLAMA_PYTHON; README shows how to build it)")
+    out = run_bench("vs_llamacpp.py", "--shape", "tiny", "--repeats", "1", "--llama-python", LLAMA_PYTHON)
+    for name in ("bf16", "fp16", "int8", "int4"):
+        assert re.search(rf"(?m)^{name}\b.*\d", out), f"no {name} row"
+    assert "ratio" in out
+
+
+def test_decode_bench_quantized_batch():
+    out = run_bench("decode.py", "--shape", "tiny", "--vocab", "1024", "--prompt-len", "8", "--new-tokens", "4",
+                    "--repeats", "1", "--bandwidth-gib", "0.1", "--dtype", "int8", "--batch", "2")
+    assert "ours int8, qwen2 bfloat16" in out and "x batch 2" in out and "% of roofline" in out

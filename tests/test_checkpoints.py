@@ -26,7 +26,7 @@ GOLDEN_NAMES = sorted(p.name for p in GOLDEN.iterdir() if p.is_dir())
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GOLDEN_IDS = [[5, 17, 301, 1023, 42, 7]]  # < 1024, the golden vocabulary
 CHAT_IDS = [[9707, 11, 1879, 0]]  # "Hello, world!" in the real vocabulary
-REMOTE_CODE_FILES = ("configuration_qwen.py", "modeling_qwen.py", "qwen_generation_utils.py", "tokenization_qwen.py")
+from qwen.modeling_qwen import REMOTE_CODE_FILES  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -470,3 +470,27 @@ def test_the_demo_tool_reports_an_unusable_checkpoint_in_one_line(unusable, tmp_
     status, out, err = run_demo("missing_model", module="qwen.tools.demo", env=env)
     assert status == 2 and out == ""
     assert err.count("\n") == 1 and "point CHECKPOINT_DIR at its local directory" in err, err
+
+
+def test_dtype_and_quantize_flags_load_that_model(checkpoint):
+    """--dtype and --quantize reach from_pretrained: the reply is the one the same quantized model
+    gives in this process (same seed), and a bad value is a usage error, not a traceback."""
+    import torch
+    from transformers import set_seed
+
+    from qwen.loading import load_chat_model
+    from qwen.quantization import Int4Linear
+
+    model, tokenizer = load_chat_model(checkpoint, cpu_only=True, dtype="bfloat16", quantization="int4:32")
+    assert model.dtype == torch.bfloat16 and isinstance(model.transformer.h[0].mlp.w1, Int4Linear)
+    config = copy.deepcopy(model.generation_config)
+    config.max_new_tokens = MAX_NEW_TOKENS
+    set_seed(1234)
+    reply, _ = model.chat(tokenizer, QUERY_2, generation_config=config)
+    status, out, err = run_demo("-c", checkpoint, "--cpu-only", "--dtype", "bfloat16", "--quantize", "int4:32",
+                                "--max-new-tokens", str(MAX_NEW_TOKENS), "--prompt", QUERY_2)
+    assert status == 0, err
+    assert out == reply + "\n"
+    status, out, err = run_demo("-c", checkpoint, "--quantize", "int3", "--prompt", "hi")
+    assert status == 2 and "unknown quantization 'int3'" in err and "Traceback" not in err
+

@@ -279,3 +279,24 @@ def test_prompt_logprobs_score_every_prompt_token(engine):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert [lp.token_id for lp in out.prompt_logprobs[1:]] == ids[1:]
     assert all(len(lp.top) == 2 for lp in out.prompt_logprobs[1:])
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4:32"])
+def test_engine_loads_quantized_weights(checkpoint, quantization):
+    """Engine.from_pretrained(dtype=, quantization=) serves the quantized model; its greedy reply is
+    what model.generate gives on that same model (fp32: in 16 bits the two attention paths round
+    differently, which flips near-ties of a random model)."""
+    from qwen.quantization import Int4Linear, Int8Linear
+
+    engine = Engine.from_pretrained(checkpoint, dtype="float32", quantization=quantization, max_running=2)
+    try:
+        model = engine.model
+        kind = Int8Linear if quantization == "int8" else Int4Linear
+        assert model.dtype == torch.float32 and isinstance(model.transformer.h[0].attn.c_attn, kind)
+        ids = prompt(engine.tokenizer, PROMPTS[1])
+        out = engine.submit(ids, SamplingParams(max_new_tokens=8, **GREEDY)).result()
+        ref = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=8, eos_token_id=None,
+                             top_p=None, top_k=None)
+        assert out.token_ids == ref[0, len(ids):].tolist()
+    finally:
+        engine.shutdown()

@@ -80,6 +80,8 @@ def _origins(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..loading import add_precision_arguments
+
     parser = argparse.ArgumentParser(
         prog="openai_api.py",
         description="OpenAI-compatible API server for Qwen (v1) chat models.",
@@ -94,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="require 'Authorization: Bearer KEY' (the OpenAI client's api_key); "
                              "default: the QWEN_API_KEY environment variable, if set")
     parser.add_argument("--cpu-only", action="store_true", help="run the model on the CPU even if a GPU is present")
+    add_precision_arguments(parser)
     parser.add_argument("--server-port", type=_port, default=8000, help="port to listen on (default: %(default)s)")
     parser.add_argument("--server-name", default="127.0.0.1",
                         help="address to listen on (default: %(default)s, this computer only; 0.0.0.0 for all)")
@@ -274,7 +277,8 @@ def main(argv=None) -> int:
                 engine = load_upstream_engine(source, args, lambda: server.should_exit, log)
             else:
                 engine = Engine.from_pretrained(
-                    source, cpu_only=args.cpu_only, chat=False, max_running=args.max_running,
+                    source, cpu_only=args.cpu_only, chat=False, dtype=args.dtype, quantization=args.quantize,
+                    max_running=args.max_running,
                     max_waiting=args.max_waiting, max_context=args.max_context, model_name=served_name(args))
         except Exception as exc:  # noqa: BLE001  (reported, and the server stops)
             message = error_text(exc)

@@ -184,10 +184,11 @@ class Engine:
         self._thread.start()
 
     @classmethod
-    def from_pretrained(cls, path, cpu_only: bool = False, chat: bool = True, **options) -> Engine:
+    def from_pretrained(cls, path, cpu_only: bool = False, chat: bool = True, dtype: str | None = None,
+                        quantization: str | None = None, **options) -> Engine:
         from ..loading import load_model
 
-        model, tokenizer = load_model(path, cpu_only=cpu_only, chat=chat)
+        model, tokenizer = load_model(path, cpu_only=cpu_only, chat=chat, dtype=dtype, quantization=quantization)
         options.setdefault("model_name", os.path.basename(os.path.normpath(str(path))) or "qwen")
         return cls(model, tokenizer, **options)
 

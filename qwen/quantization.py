@@ -1,0 +1,458 @@
+"""Weight-only int8 / int4 linear layers for CPU decoding, quantized on load.
+
+    model = QWenLMHeadModel.from_pretrained(path, quantization="int8")
+    model = QWenLMHeadModel.from_pretrained(path, quantization="int4")      # group size 64
+    model = QWenLMHeadModel.from_pretrained(path, quantization="int4:128")  # group size 32/64/128/256
+    quantize_model(model, "int4", group_size=128)                           # a model already in memory
+
+Every `nn.Linear` of the model (per block `attn.c_attn`, `attn.c_proj`, `mlp.w1`, `mlp.w2`,
+`mlp.c_proj`, and `lm_head`) is replaced; the embedding `transformer.wte`, the norms and the biases
+stay in the model dtype. Only the weights are quantized: activations, biases and outputs keep the
+model dtype. The float weights of the replaced layers are released.
+
+Canonical storage (what other kernels are written against; persistent buffers, in `state_dict`)
+-----------------------------------------------------------------------------------------------
+int8 (`Int8Linear`), symmetric per output channel:
+    qweight  int8    [N, K]   w[n, k] ~= qweight[n, k] * scale[n]
+    scale    float32 [N]      max_k |w[n, k]| / 127 (0 for an all-zero row); q = round(w / scale)
+    -> 1 byte per weight + 4 bytes per row.
+
+int4 (`Int4Linear`), asymmetric min-max per group of `group_size` consecutive k:
+    packed   uint8   [N, K/2]  q[n, k] = (packed[n, k // 2] >> (4 * (k % 2))) & 0xF  (low nibble = even k)
+    scales   float32 [N, K/g]  (max - min) / 15 of the group (0 when the group is constant)
+    mins     float32 [N, K/g]  the group minimum;  w[n, k] ~= q[n, k] * scales[n, k // g] + mins[n, k // g]
+    -> 0.5 byte per weight + 8/g bytes (0.125 at the default g = 64).
+    q = round((w - min) / scale) clamped to 0..15, so |w - w~| <= scale / 2 (and min, max are exact).
+    The scales stay float32: at 8/g bytes per weight they cost little, and the canonical weights
+    are then fp32 values (`dequantize()` computes q * scale + min with one fused rounding).
+    K must be a multiple of the group size. `Int4Linear.from_linear` raises a ValueError otherwise;
+    `quantize_model` leaves such a layer in float and logs one warning naming the layers (no Qwen
+    checkpoint has one: every K is a multiple of 256).
+
+Backend copies (non-persistent buffers, built once at quantization time, never per call)
+---------------------------------------------------------------------------------------
+int8: `scale_bf16` [N] bfloat16 (2 bytes per row), the scales in the dtype torch's kernel wants.
+int4: `packed_cpu` uint8 [N, K/2] in the blocked nibble order of `torch._convert_weight_to_int4pack_for_cpu`
+    (it depends on the CPU's vector width, hence not canonical) and `scale_zeros` bfloat16 [K/g, N, 2]
+    with torch's convention w = (q - 8) * scale + zero, i.e. zero = min + 8 * scale. Another 0.5 + 4/g
+    bytes per weight: an int4 layer holds 1 + 12/g bytes per weight in all (1.19 at g = 64; int8 1.0).
+    Built only when N is a multiple of 16 (the kernel's rule); otherwise the layer always dequantizes.
+
+Compute (torch 2.13 CPU ops; timing table: `python tests/test_quantization.py`)
+---------------------------------------------------------------------------------
+Rows M = the number of activation vectors in the call (batch x tokens).
+* M < `large_m` (24 for int8, 64 for int4: decode and short prompts): torch's weight-only kernels,
+  which read the quantized weights directly: int8 `torch._weight_int8pack_mm`, int4
+  `torch._weight_int4pack_mm_for_cpu`. Both are fast only for bfloat16 activations: on 11008x2048 at
+  M = 1 (8) the int8 kernel takes 1.4 (3.2) ms with bf16 x, 9.2 (75) with fp32 x and 11 (88) with
+  fp16 x; the int4 one 0.65 (2.2) ms with bf16, 19 (153) with fp32 (a scalar loop); dequantizing to
+  fp32 + F.linear 12-16 ms. So fp32 and fp16 activations are rounded to bfloat16 for the product and
+  the result is cast back. The added error is one bf16 rounding of x and of the output (relative
+  2^-9 each), well under the weights' own quantization error (up to 1/254 of the row maximum for
+  int8, 1/30 of the group range for int4). The int4 kernel also rounds scale and zero to bfloat16.
+* M >= `large_m` (prefill): the weight is dequantized to the activation dtype, `gemm_chunk` weights
+  at a time into a reused per-thread scratch buffer (8 MB in bf16, 16 MB in fp32; int4 adds ~6 MB
+  for nibbles and expanded scales), and multiplied with `F.linear`: torch's GEMM beats the
+  weight-only kernels there, and fp32 activations get an fp32 product. int4 dequantizes into the
+  column order "even k, then odd k" (x's columns are permuted to match), so each nibble half is
+  masked in one int32 pass. This path still costs 1.1-2x a bf16 F.linear (the dequantization).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["Int4Linear", "Int8Linear", "parse_quantization", "quantize_model"]
+
+logger = logging.getLogger(__name__)
+
+# Group 64: on 2048x2048 test weights its weight error is 10-19% below group 128's (Gaussian /
+# Student-t) and 14-25% above group 32's; torch's kernel takes 0.59 ms vs 0.58 (128) and 0.61 (32)
+# for 11008x2048 at M = 1; it holds 1.19 bytes per weight vs 1.09 (128) and 1.38 (32).
+DEFAULT_GROUP_SIZE = 64
+GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 CPU kernel accepts
+_CHUNK_ELEMENTS = 1 << 24  # rows are processed in chunks of about this many weights (64 MB in fp32)
+
+
+def _row_chunks(n_rows: int, n_cols: int, multiple: int = 64):
+    """(start, end) row ranges of about _CHUNK_ELEMENTS weights, each a multiple of `multiple` rows."""
+    step = max(multiple, _CHUNK_ELEMENTS // max(n_cols, 1) // multiple * multiple)
+    for start in range(0, n_rows, step):
+        yield start, min(start + step, n_rows)
+
+
+def _check_finite(w: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(w).all():
+        raise ValueError(f"cannot quantize {what}: the weight has inf or nan values")
+
+
+class _QuantizedLinear(nn.Module):
+    """What the int8 and int4 layers share: shapes, bias, the float32 buffers and the M dispatch."""
+
+    _FLOAT32_BUFFERS: tuple[str, ...] = ()
+    _BF16_BUFFERS: tuple[str, ...] = ()
+    # Calls with at least this many rows dequantize and use a GEMM (set per class from measurements).
+    large_m = 32
+    # Weights dequantized at a time on the large-M path: 4M (an 8 MB bf16 scratch) stays in cache
+    # for the GEMM; 32M measured 1.2-2x slower for int8 at M = 64 and 512 (11008x2048).
+    gemm_chunk = 1 << 22
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(dtype) / .half() / .float() must move these buffers but not change their dtype:
+        # they are converted with `fn` only to learn the new device; the values kept are the originals.
+        fixed = {}
+        for name in self._FLOAT32_BUFFERS + self._BF16_BUFFERS:
+            if self._buffers.get(name) is not None:
+                fixed[name] = self._buffers[name]
+                self._buffers[name] = None
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, tensor in fixed.items():
+                device = fn(tensor[:1].clone()).device if tensor.numel() else fn(tensor).device
+                self._buffers[name] = tensor.to(device)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+    def bytes_read(self) -> int:
+        """Bytes one small-M forward reads (what bounds decoding): the kernel's tensors and the bias."""
+        tensors = [getattr(self, name) for name in self._KERNEL_TENSORS] + [self.bias]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def _dequantize_rows(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight [N, K] the layer stands for: q * scale (+ min) with one fp32 rounding; a
+        16-bit `dtype` rounds scale, min and the result once more."""
+        return torch.cat(
+            [self._dequantize_rows(a, b, dtype) for a, b in _row_chunks(self.out_features, self.in_features)]
+        )
+
+    def _kernel(self, x2: torch.Tensor) -> torch.Tensor | None:
+        """The weight-only kernel's product for bf16 rows x2 [M, K] (no bias), or None if there is none."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        y = None
+        if x2.shape[0] < self.large_m and x.device.type == "cpu":
+            xb = x2 if x2.dtype == torch.bfloat16 else x2.to(torch.bfloat16)
+            y = self._kernel(xb.contiguous())
+            if y is not None:
+                y = y.to(x.dtype)
+                if self.bias is not None:
+                    y = y.add_(self.bias.to(y.dtype))
+        if y is None:
+            y = self._dequantized_linear(x2)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def _gemm_input(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 with its columns in the order of _gemm_weight's columns."""
+        return x2
+
+    def _gemm_weight(self, start: int, end: int, dtype: torch.dtype, out: torch.Tensor) -> torch.Tensor:
+        """Rows start:end of the weight in `dtype`, written into `out` (scratch), columns in the order
+        _gemm_input gives x."""
+        raise NotImplementedError
+
+    def _dequantized_linear(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 @ w~.T + bias through F.linear, dequantizing `gemm_chunk` weights at a time into scratch."""
+        n, k = self.out_features, self.in_features
+        bias = None if self.bias is None else self.bias.to(x2.dtype)
+        x_in = self._gemm_input(x2)
+        step = min(n, max(16, self.gemm_chunk // k // 16 * 16))
+        out = _scratch("weight", step * k, x2.dtype, x2.device)
+        parts = []
+        for start in range(0, n, step):
+            end = min(start + step, n)
+            w = self._gemm_weight(start, end, x2.dtype, out[: (end - start) * k].view(end - start, k))
+            parts.append(F.linear(x_in, w, None if bias is None else bias[start:end]))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(slot: str, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """A flat per-thread buffer reused across calls and layers. A fresh multi-megabyte tensor costs
+    page faults on every call (measured: 6 ms to allocate and fill 16 MB, 0.5 ms to refill); this
+    costs them once. Callers must be done with one call's contents before the next call."""
+    pool = _SCRATCH.__dict__.setdefault("pool", {})
+    key = (slot, dtype, torch.device(device))
+    buffer = pool.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = pool[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel]
+
+
+class Int8Linear(_QuantizedLinear):
+    """y = x @ (qweight * scale[:, None]).T + bias, with int8 weights and one float32 scale per row."""
+
+    # Crossover measured at 2 threads, bf16 (CPU ms, kernel vs dequantize + GEMM): 11008x2048 M = 16
+    # 11.2 vs 12.5, M = 24 16.7 vs 14.2; 2048x5504 M = 24 7.0 vs 7.1, M = 32 9.2 vs 8.2.
+    large_m = 24
+
+    _FLOAT32_BUFFERS = ("scale",)
+    _BF16_BUFFERS = ("scale_bf16",)
+    _KERNEL_TENSORS = ("qweight", "scale_bf16")
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype=torch.bfloat16, device=None):
+        super().__init__(in_features, out_features, bias, dtype, device)
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.zeros(out_features, dtype=torch.float32, device=device))
+        self.register_buffer(
+            "scale_bf16", torch.zeros(out_features, dtype=torch.bfloat16, device=device), persistent=False
+        )
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        weight = linear.weight.detach()
+        n, k = weight.shape
+        layer = cls(k, n, linear.bias is not None, dtype=weight.dtype, device=weight.device)
+        for start, end in _row_chunks(n, k):
+            w = weight[start:end].float()
+            _check_finite(w, f"a {n}x{k} linear layer")
+            scale = w.abs().amax(dim=1) / 127
+            divisor = torch.where(scale > 0, scale, torch.ones_like(scale))
+            layer.qweight[start:end] = torch.round(w / divisor[:, None]).clamp_(-127, 127).to(torch.int8)
+            layer.scale[start:end] = scale
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.detach())
+        layer.refresh_backend()
+        return layer
+
+    def refresh_backend(self) -> None:
+        """Rebuild the backend copies from the canonical buffers (after loading a state_dict)."""
+        self.scale_bf16 = self.scale.to(torch.bfloat16)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.refresh_backend()
+
+    def _dequantize_rows(self, start, end, dtype):
+        if dtype == torch.float32:
+            return self.qweight[start:end].float().mul_(self.scale[start:end, None])
+        # |q| <= 127 is exact in 16 bits; one rounding of the scale and one of the product.
+        return self.qweight[start:end].to(dtype).mul_(self.scale[start:end, None].to(dtype))
+
+    def _gemm_weight(self, start, end, dtype, out):
+        scale = self.scale_bf16 if dtype == torch.bfloat16 else self.scale.to(dtype)
+        return torch.mul(self.qweight[start:end], scale[start:end, None], out=out)  # one pass, one rounding
+
+    def _kernel(self, x2):
+        # torch 2.13's kernel reads past the row (wrong sums, even a crash) unless K is a multiple
+        # of 16; every published Qwen shape is (multiples of 256), tiny test models may not be.
+        if self.in_features % 16:
+            return None
+        return torch._weight_int8pack_mm(x2, self.qweight, self.scale_bf16)
+
+
+class Int4Linear(_QuantizedLinear):
+    """y = x @ w~.T + bias with w~[n, k] = q * scales[n, k // g] + mins[n, k // g], q 4-bit unsigned."""
+
+    # Crossover measured at 2 threads, bf16, group 128 (CPU ms, kernel vs dequantize + GEMM):
+    # 11008x2048 M = 32 16.8 vs 24.7, M = 64 33.3 vs 31.4; 2048x5504 M = 64 16.8 vs 17.1, M = 96 24.9 vs 20.1.
+    large_m = 64
+
+    _FLOAT32_BUFFERS = ("scales", "mins")
+    _BF16_BUFFERS = ("scale_zeros",)
+
+    @property
+    def _KERNEL_TENSORS(self):  # torch's packed copy when it exists, else the canonical buffers
+        return ("packed_cpu", "scale_zeros") if self.packed_cpu is not None else ("packed", "scales", "mins")
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        group_size: int = DEFAULT_GROUP_SIZE,
+        dtype=torch.bfloat16,
+        device=None,
+    ):
+        group_size = _check_group_size(group_size)
+        if in_features % group_size:
+            raise ValueError(
+                f"int4 group size {group_size} does not divide the layer's input size {in_features}; "
+                f"use a group size that divides it"
+            )
+        super().__init__(in_features, out_features, bias, dtype, device)
+        self.group_size = group_size
+        groups = in_features // group_size
+        self.register_buffer("packed", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.zeros(out_features, groups, dtype=torch.float32, device=device))
+        self.register_buffer("mins", torch.zeros(out_features, groups, dtype=torch.float32, device=device))
+        self.register_buffer("packed_cpu", None, persistent=False)
+        self.register_buffer("scale_zeros", None, persistent=False)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", group_size={self.group_size}"
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = DEFAULT_GROUP_SIZE) -> Int4Linear:
+        weight = linear.weight.detach()
+        n, k = weight.shape
+        layer = cls(k, n, linear.bias is not None, group_size, dtype=weight.dtype, device=weight.device)
+        g = layer.group_size
+        for start, end in _row_chunks(n, k):
+            w = weight[start:end].float().view(end - start, k // g, g)
+            _check_finite(w, f"a {n}x{k} linear layer")
+            low = w.amin(dim=2)
+            scale = (w.amax(dim=2) - low) / 15
+            divisor = torch.where(scale > 0, scale, torch.ones_like(scale))
+            q = torch.round((w - low[..., None]) / divisor[..., None]).clamp_(0, 15).to(torch.uint8)
+            q = q.view(end - start, k)
+            layer.packed[start:end] = q[:, 0::2] | (q[:, 1::2] << 4)
+            layer.scales[start:end] = scale
+            layer.mins[start:end] = low
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.detach())
+        layer.refresh_backend()
+        return layer
+
+    def refresh_backend(self) -> None:
+        """Build torch's packed copy and bf16 scale/zero table from the canonical buffers."""
+        if self.out_features % 16 or self.packed.device.type != "cpu":
+            self.packed_cpu = self.scale_zeros = None
+            return
+        parts = []
+        for start, end in _row_chunks(self.out_features, self.in_features):  # multiples of 64 rows: see tests
+            parts.append(torch._convert_weight_to_int4pack_for_cpu(self._unpack_rows(start, end).to(torch.int32), 1))
+        self.packed_cpu = torch.cat(parts)
+        zeros = self.mins + 8 * self.scales
+        self.scale_zeros = torch.stack([self.scales, zeros], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.refresh_backend()
+
+    def _unpack_rows(self, start: int, end: int) -> torch.Tensor:
+        """The 4-bit values q of rows start:end as uint8 [rows, K]."""
+        p = self.packed[start:end]
+        return torch.stack([p & 0xF, p >> 4], dim=-1).view(end - start, self.in_features)
+
+    def _dequantize_rows(self, start, end, dtype):
+        rows, g = end - start, self.group_size
+        q = self._unpack_rows(start, end).view(rows, -1, g)
+        scales, mins = self.scales[start:end, :, None].to(dtype), self.mins[start:end, :, None].to(dtype)
+        return torch.addcmul(mins, q.to(dtype), scales).view(rows, self.in_features)
+
+    def _gemm_input(self, x2):
+        return torch.cat([x2[:, 0::2], x2[:, 1::2]], dim=1)
+
+    def _gemm_weight(self, start, end, dtype, out):
+        # Columns: all even k, then all odd k (x is permuted to match), so that the low and the high
+        # nibbles are each masked in one int32 pass over 4 bytes and land in place with one addcmul.
+        # The scales and mins are first expanded to one per weight (torch's broadcasting over a short
+        # innermost group, 16 for g = 32, was 5x slower). Row blocks of ~1 MB of nibbles keep a block's
+        # passes in cache and the op count low (each op is a sync point of torch's threads).
+        groups, half, width = self.in_features // self.group_size, self.group_size // 2, self.in_features // 2
+        block = max(1, (1 << 20) // width)
+        device = self.packed.device
+        low_buf, high_buf = (_scratch(slot, block * width // 4, torch.int32, device) for slot in ("low", "high"))
+        scale_buf, min_buf = (_scratch(slot, block * width, dtype, device) for slot in ("scale", "min"))
+        out2 = out.view(end - start, 2, width)
+        for a in range(start, end, block):
+            b = min(a + block, end)
+            rows, at = b - a, slice(a - start, b - start)
+            packed = self.packed[a:b].view(torch.int32)
+            low = torch.bitwise_and(packed, 0x0F0F0F0F, out=low_buf[: packed.numel()].view_as(packed))
+            high = torch.bitwise_right_shift(packed, 4, out=high_buf[: packed.numel()].view_as(packed))
+            high.bitwise_and_(0x0F0F0F0F)
+            scales = scale_buf[: rows * width].view(rows, groups, half)
+            scales.copy_(self.scales[a:b, :, None].expand(rows, groups, half))
+            mins = min_buf[: rows * width].view(rows, groups, half)
+            mins.copy_(self.mins[a:b, :, None].expand(rows, groups, half))
+            for i, nibbles in enumerate((low, high)):
+                torch.addcmul(
+                    mins.view(rows, width),
+                    nibbles.view(torch.uint8).view(rows, width),
+                    scales.view(rows, width),
+                    out=out2[at, i],
+                )
+        return out
+
+    def _kernel(self, x2):
+        if self.packed_cpu is None:
+            return None
+        return torch._weight_int4pack_mm_for_cpu(x2, self.packed_cpu, self.group_size, self.scale_zeros)
+
+
+def _check_group_size(group_size) -> int:
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size not in GROUP_SIZES:
+        raise ValueError(f"int4 group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size!r}")
+    return group_size
+
+
+def parse_quantization(method, group_size=None) -> tuple[str, int | None]:
+    """("int8", None) or ("int4", group size) from "int8", "int4", "int4:<g>" and an optional group_size."""
+    text = method.strip().lower() if isinstance(method, str) else None
+    match = re.fullmatch(r"(int8|int4)(?::(\w+))?", text or "")
+    if not match:
+        raise ValueError(
+            f"unknown quantization {method!r}: expected 'int8', 'int4' or 'int4:<group size>' "
+            f"(group size {', '.join(map(str, GROUP_SIZES))})"
+        )
+    kind, suffix = match.groups()
+    if kind == "int8":
+        if suffix is not None or group_size is not None:
+            raise ValueError("int8 quantization is per output channel: it takes no group size")
+        return kind, None
+    if suffix is not None:
+        if not suffix.isdigit():
+            raise ValueError(f"int4 group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {suffix!r}")
+        if group_size is not None and group_size != int(suffix):
+            raise ValueError(f"quantization {method!r} and group_size={group_size!r} disagree")
+        group_size = int(suffix)
+    return kind, _check_group_size(DEFAULT_GROUP_SIZE if group_size is None else group_size)
+
+
+def quantize_model(model: nn.Module, method: str = "int8", group_size: int | None = None) -> nn.Module:
+    """Replace every nn.Linear in `model` by an Int8Linear or Int4Linear, in place; returns `model`.
+
+    `method` is "int8", "int4" or "int4:<group size>"; `group_size` (int4 only) is 32, 64, 128 or 256,
+    default 64. Layers are converted one at a time, so memory peaks at the model plus one layer's
+    copy; each float weight is released as its layer is replaced (unless something else holds it,
+    e.g. a tied embedding). An int4 layer whose input size the group size does not divide stays float
+    (one warning lists them). Raises ValueError for an unknown method or group size."""
+    kind, group = parse_quantization(method, group_size)
+    # Names only: holding the modules would keep every float weight alive until the end.
+    names = [name for name, module in model.named_modules() if type(module) is nn.Linear]
+    skipped = []
+    for name in names:
+        linear = model.get_submodule(name)
+        if kind == "int4" and linear.in_features % group:
+            skipped.append(name)
+            continue
+        new = Int8Linear.from_linear(linear) if kind == "int8" else Int4Linear.from_linear(linear, group)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        del linear, new
+    if skipped:
+        logger.warning(
+            "int4 group size %d does not divide the input size of %d linear layer(s), left unquantized: %s",
+            group,
+            len(skipped),
+            ", ".join(skipped[:4]) + (", ..." if len(skipped) > 4 else ""),
+        )
+    model.qwen_quantization = kind if kind == "int8" else f"int4:{group}"
+    return model
