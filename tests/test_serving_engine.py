@@ -300,3 +300,25 @@ def test_engine_loads_quantized_weights(checkpoint, quantization):
         assert out.token_ids == ref[0, len(ids):].tolist()
     finally:
         engine.shutdown()
+
+
+def test_a_request_cancelled_while_waiting_still_ends_its_stream(checkpoint):
+    """A reader that cancels a request still queued behind a busy engine gets its final
+    "cancelled" output at once, instead of waiting for a slot (or forever)."""
+    engine = Engine.from_pretrained(checkpoint, max_running=1)
+    try:
+        ids = prompt(engine.tokenizer, PROMPTS[1])
+        busy = engine.submit(ids, SamplingParams(max_new_tokens=400, **GREEDY))
+        next(iter(busy))  # running
+        waiting = engine.submit(ids, SamplingParams(max_new_tokens=4, **GREEDY))
+        assert engine.stats()["waiting"] == 1
+        waiting.cancel()
+        outputs = []
+        reader = threading.Thread(target=lambda: outputs.extend(waiting), daemon=True)
+        reader.start()
+        reader.join(timeout=10)
+        assert not reader.is_alive() and [o.finish_reason for o in outputs] == ["cancelled"]
+        assert outputs[0].token_ids == [] and engine.stats()["waiting"] == 0
+        busy.cancel()
+    finally:
+        engine.shutdown()

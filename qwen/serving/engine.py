@@ -217,7 +217,7 @@ class Engine:
             if self._closed:
                 raise RuntimeError("the engine is shut down")
             if len(self._waiting) >= self.max_waiting:  # requests cancelled while waiting do not count
-                self._waiting = deque(s for s in self._waiting if not s.stream.cancelled)
+                self._drop_cancelled_waiting()
             if len(self._waiting) >= self.max_waiting:
                 raise EngineBusy(f"too many waiting requests ({self.max_waiting}); try again later")
             self._waiting.append(seq)
@@ -262,6 +262,7 @@ class Engine:
     def _step(self) -> None:
         for seq in [s for s in self._running if s.stream.cancelled]:
             self._finish(seq, "cancelled")
+        self._drop_cancelled_waiting()
         self._admit()
         prefilling = [s for s in self._running if s.prefilled < len(s.prompt)]
         if prefilling:
@@ -270,12 +271,20 @@ class Engine:
         if decoding:
             self._decode(decoding)
 
+    def _drop_cancelled_waiting(self) -> None:
+        """Requests cancelled before they got a slot end now, with a final "cancelled" output."""
+        with self._lock:
+            gone = [s for s in self._waiting if s.stream.cancelled]
+            if gone:
+                self._waiting = deque(s for s in self._waiting if not s.stream.cancelled)
+        for seq in gone:
+            self.counters["finished_cancelled_total"] += 1
+            seq.stream._push(self._output(seq, [], "", None, "cancelled"))
+
     def _admit(self) -> None:
         with self._lock:
             while self._waiting and len(self._running) < self.max_running:
                 seq = self._waiting.popleft()
-                if seq.stream.cancelled:
-                    continue
                 self._place(seq)
                 self._running.append(seq)
                 self.counters["prompt_tokens_total"] += len(seq.prompt)
