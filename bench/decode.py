@@ -213,6 +213,11 @@ def main(argv=None):
         from qwen.quantization import quantize_model
 
         quantize_model(ours, quantization)
+    from qwen.kernels import backend
+    from qwen.modeling_qwen import use_cpu_kernels
+
+    use_cpu_kernels(ours)  # as from_pretrained does (QWEN_KERNELS=off: torch's matmul)
+    print(f"ours: CPU kernel {backend()} for 16-bit decode steps")
     print(f"model: hidden {shape['hidden']}, layers {shape['layers']}, heads {shape['heads']}, "
           f"intermediate {shape['intermediate']}, vocab {args.vocab}, ours {args.dtype}, qwen2 {'bfloat16' if quantization else args.dtype} "
           f"(built in {time.perf_counter() - start:.1f} s)")

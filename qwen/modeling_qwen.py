@@ -686,6 +686,17 @@ def align_cpu_tensors(model: nn.Module, alignment: int = 64, chunk_bytes: int = 
         tensor.data = fresh
 
 
+def use_cpu_kernels(model: nn.Module) -> int:
+    """Decode-time products of CPU bf16/fp16 linear layers through the qwen package's own kernel
+    (qwen/kernels; `QWEN_KERNELS=off` keeps torch's). A no-op as remote code (the kernels are not
+    among its files, and remote code never imports the qwen package)."""
+    if __package__ != "qwen":
+        return 0
+    import importlib  # not `from .kernels...`: transformers would look for that file beside remote code
+
+    return importlib.import_module("qwen.kernels.linear").use_kernels(model)
+
+
 def _unreadable_safetensors(directory) -> str:
     """The first *.safetensors file in `directory` that safetensors cannot open (for error messages)."""
     from safetensors import safe_open
@@ -777,6 +788,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         if quantization is not None:
             quantize_model(model, quantization)  # before aligning: the float weights are then never copied
         align_cpu_tensors(model)
+        use_cpu_kernels(model)
         return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs):

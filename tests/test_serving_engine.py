@@ -322,3 +322,25 @@ def test_a_request_cancelled_while_waiting_still_ends_its_stream(checkpoint):
         busy.cancel()
     finally:
         engine.shutdown()
+
+
+def test_kv_memory_follows_use_not_the_context_limit(checkpoint):
+    """The slots start small and grow when a sequence needs more (up to max_context), keeping
+    their contents: a request that outgrows them mid-decode gives the tokens it gives in a cache
+    allocated in full from the start."""
+    replies = []
+    for grown in (False, True):
+        engine = Engine.from_pretrained(checkpoint, max_running=2, max_context=2048, prefill_chunk=64)
+        try:
+            cache = engine.cache
+            assert cache.allocated == 256 and cache.capacity == 2048
+            small = cache.bytes()
+            if grown:
+                cache._grow(2048)
+            ids = prompt(engine.tokenizer, " ".join(f"w{i}" for i in range(60)))
+            assert len(ids) < 256 < len(ids) + 200
+            replies.append(engine.submit(ids, SamplingParams(max_new_tokens=200, **GREEDY)).result().token_ids)
+            assert cache.allocated == (2048 if grown else 512) and cache.bytes() == small * cache.allocated // 256
+        finally:
+            engine.shutdown()
+    assert replies[0] == replies[1] and len(replies[0]) == 200

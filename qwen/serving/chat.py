@@ -39,7 +39,13 @@ class ChatDefaults:
     @classmethod
     def of(cls, engine) -> ChatDefaults:
         """Read from `engine.model.generation_config` (an Engine or an UpstreamEngine)."""
-        config = getattr(getattr(engine, "model", None), "generation_config", None)
+        return cls.from_config(getattr(getattr(engine, "model", None), "generation_config", None))
+
+    @classmethod
+    def from_config(cls, config) -> ChatDefaults:
+        """Read from a GenerationConfig (or anything with its attributes; None: the defaults). A
+        setting it lacks, or holds as None, keeps the default. The terminal chat builds every
+        turn's defaults this way from its own `:conf`-edited copy of the checkpoint's config."""
         defaults = cls()
         if config is None:
             return defaults

@@ -25,7 +25,7 @@ from collections import Counter, deque
 
 import torch
 
-from ..modeling_qwen import ntk_alpha
+from ..modeling_qwen import ntk_alpha, use_cpu_kernels
 from .kv import SlotKVCache
 from .params import EngineBusy, Output, RequestError, SamplingParams
 from .sampling import apply_penalties, choose, logprob_of
@@ -163,6 +163,7 @@ class Engine:
         limit = config.max_position_embeddings
         self.max_context = min(max_context or limit, limit)
         self.model = model.eval()
+        use_cpu_kernels(model)  # decode steps through our CPU kernel where it runs (idempotent)
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_running, self.max_waiting, self.prefill_chunk = max_running, max_waiting, prefill_chunk

@@ -6,7 +6,11 @@ of a row is quantised as one group, as the original does per forward). Before a 
 says which slots the batch rows are and where each row starts (`select`); the model then reads
 `row_starts` / `row_alphas` for per-row positions and dynamic-NTK alphas, and every attention
 layer calls `update`, which writes the new keys and values into the rows' slots and returns the
-rows' keys and values up to the longest row (the mask hides each row's unused tail)."""
+rows' keys and values up to the longest row (the mask hides each row's unused tail).
+
+Memory follows use, not the limit: the buffers start at 256 tokens per slot and double (up to
+`capacity`, the engine's context) when a row needs more, so a server whose context allows 32k
+tokens does not hold 32k tokens of KV for every slot from the start."""
 
 from __future__ import annotations
 
@@ -16,22 +20,41 @@ from ..modeling_qwen import dequantize_kv, quantize_kv
 
 
 class SlotKVCache:
-    def __init__(self, config, slots: int, capacity: int, dtype: torch.dtype, device):
+    def __init__(self, config, slots: int, capacity: int, dtype: torch.dtype, device, initial: int = 256):
         self.slots, self.capacity = slots, capacity
         self.int8 = bool(config.use_cache_quantization)
         heads = config.num_attention_heads
-        head_dim = config.hidden_size // heads
-        shape = (slots, heads, capacity, head_dim)
-        store = torch.uint8 if self.int8 else dtype
-        self.keys = [torch.zeros(shape, dtype=store, device=device) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.zeros(shape, dtype=store, device=device) for _ in range(config.num_hidden_layers)]
-        if self.int8:  # (scale, zero) per token, in the model dtype
-            params = (slots, heads, capacity, 1)
-            self.key_params = [tuple(torch.zeros(params, dtype=dtype, device=device) for _ in range(2)) for _ in self.keys]
-            self.value_params = [tuple(torch.zeros(params, dtype=dtype, device=device) for _ in range(2)) for _ in self.keys]
+        self._shape = (slots, heads, config.hidden_size // heads)
+        self._dtype, self._device, self._layers = dtype, device, config.num_hidden_layers
+        self.keys, self.values, self.key_params, self.value_params = [], [], [], []
+        self.allocated = 0  # tokens per slot the buffers hold now
+        self._grow(min(initial, capacity))
         self.row_slots: list[int] = []
         self.row_starts: list[int] = []
         self.row_alphas: list[float] = []
+
+    def _grow(self, tokens: int) -> None:
+        """Buffers for `tokens` tokens per slot, keeping what they hold."""
+        slots, heads, head_dim = self._shape
+        store = torch.uint8 if self.int8 else self._dtype
+
+        def resized(old, last, dtype):
+            fresh = torch.zeros((slots, heads, tokens, last), dtype=dtype, device=self._device)
+            if old is not None:
+                fresh[:, :, : old.shape[2]] = old
+            return fresh
+
+        def each(tensors, last, dtype):
+            return [resized(tensors[i] if tensors else None, last, dtype) for i in range(self._layers)]
+
+        self.keys, self.values = each(self.keys, head_dim, store), each(self.values, head_dim, store)
+        if self.int8:  # (scale, zero) per token, in the model dtype
+            for name in ("key_params", "value_params"):
+                pairs = getattr(self, name)
+                scales = each([p[0] for p in pairs], 1, self._dtype)
+                zeros = each([p[1] for p in pairs], 1, self._dtype)
+                setattr(self, name, list(zip(scales, zeros)))
+        self.allocated = tokens
 
     def bytes(self) -> int:
         tensors = self.keys + self.values
@@ -56,6 +79,10 @@ class SlotKVCache:
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         length = key_states.shape[2]
         end = max(self.row_starts) + length
+        if end > self.allocated:  # the first layer of a forward grows them all
+            if end > self.capacity:
+                raise ValueError(f"KV cache: a row needs {end} tokens, the limit is {self.capacity}")
+            self._grow(min(self.capacity, max(end, 2 * self.allocated)))
         if self.int8:
             for states, store, params in (
                 (key_states, self.keys[layer_idx], self.key_params[layer_idx]),

@@ -1,0 +1,271 @@
+"""Our own CPU kernel for small-M products y = x @ W^T (+ bias) with bf16 or fp16 weights.
+
+Decoding one token multiplies a handful of activation rows by every weight matrix, so the step time
+is the time to stream the weights from memory. torch's bf16 matmul reads them well below the memory
+bandwidth for M = 1; ``cpu_gemv.cpp`` reads each weight tile once, applies it to all M rows, sums in
+fp32 and rounds once to the activation dtype.
+
+    from qwen import kernels
+    kernels.backend()                 # "avx512_bf16" | "avx512" | "avx2" | "torch"; builds on the first call
+    y = kernels.gemv(x, weight, bias)  # x [..., K], weight [N, K], bias [N] or None -> [..., N] in x.dtype
+    kernels.supports(x, weight)       # True when gemv runs our kernel for these (else it calls F.linear)
+    kernels.MAX_ROWS                  # the most rows (x.numel() // K) the kernel takes
+
+The extension is compiled on first use with ``torch.utils.cpp_extension.load`` from the sources
+shipped in this package into ``$QWEN_KERNEL_CACHE/<tag>`` (default ``~/.cache/qwen/kernels/<tag>``;
+the tag hashes the sources, torch, Python and the flags), so later processes load the built library
+without compiling (the first build takes ~15 s on 2 cores, and blocks the first call). One library
+holds every code path (per-function target attributes, no -march), and the path is chosen at run
+time from what the CPU offers, capped by:
+
+- ``QWEN_KERNELS``: ``off`` (torch only), ``avx2``, ``avx512``, ``avx512_bf16``, or ``auto`` (default);
+- torch's ``ATEN_CPU_CAPABILITY``: ``avx2`` or ``default`` rule out the AVX-512 paths, as they do
+  for torch's own kernels.
+
+When the extension cannot be built or loaded (no compiler, no ninja, ...) one warning is logged and
+``gemv`` is ``torch.nn.functional.linear``; nothing raises (not x86-64: torch, without a warning). One
+INFO line on the logger ``qwen.kernels`` says which backend runs.
+
+Numerics: each output is one fp32 sum in a fixed order (independent of M, of the rows batched with
+it and of the thread count), rounded once to nearest even; torch's bf16 kernels sum differently, so
+results differ from F.linear's in the last bit now and then (see tests/test_kernels.py for the
+bound). Autograd is not supported: with grad mode on and an input that requires grad, gemv calls
+F.linear.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import platform
+import shutil
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["MAX_ROWS", "backend", "gemv", "supports"]
+
+logger = logging.getLogger("qwen.kernels")
+
+MAX_ROWS = 16  # activation rows per call; above it a matmul is compute bound and F.linear is the better kernel
+
+_SOURCES = ("cpu_gemv.cpp",)
+_CFLAGS = ("-O3",)
+_NAMES = {0: "torch", 1: "avx2", 2: "avx512", 3: "avx512_bf16"}
+_LEVELS = {name: level for level, name in _NAMES.items()}
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+_lock = threading.RLock()
+_ready = False  # the backend is chosen
+_tried = False  # the extension was built or loaded, or failed to
+_ext = None  # the loaded extension module, or None
+_level = 0  # the path gemv runs: a key of _NAMES (0: torch)
+_cpu_level = 0  # the best path the CPU offers (0 where the extension is not loaded)
+
+
+def backend() -> str:
+    """The path gemv runs in this process: "avx512_bf16", "avx512", "avx2" or "torch" (builds or
+    loads the extension on the first call)."""
+    _ensure()
+    return _NAMES[_level]
+
+
+def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True when gemv(x, weight) runs our kernel: a contiguous [N, K] bf16/fp16 CPU weight, CPU
+    activations x [..., K] of the same dtype with x.numel() // K rows, 1 to MAX_ROWS of them, and no
+    autograd graph to record (grad mode off, or nothing requires grad). Non-contiguous activations
+    are taken (gemv copies them: M * K elements); a non-contiguous weight is not."""
+    if not _ready:
+        _ensure()
+    return _level > 0 and type(x) in _PLAIN and type(weight) in _PLAIN and _ext.supports(x, weight, None, _level)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for x [..., K], weight [N, K], bias [N] (fp32, bf16 or fp16) or
+    None: our kernel where supports(x, weight) (fp32 sums, one rounding to x.dtype), else F.linear."""
+    if not _ready:
+        _ensure()
+    if _level and type(x) in _PLAIN and type(weight) in _PLAIN and (bias is None or type(bias) in _PLAIN):
+        y = _ext.gemv(x, weight, bias, _level)  # None when the kernel does not take these tensors
+        if y is not None:
+            return y
+    return F.linear(x, weight, bias)
+
+
+def _gemv_at(x, weight, bias, level: int) -> torch.Tensor:
+    """Tests: gemv through the path `level` (1..3, at most _cpu_level), whatever the caps say."""
+    _ensure()
+    if _x86():
+        _extension()
+    if _ext is None or not 1 <= level <= _cpu_level:
+        raise RuntimeError(f"kernel level {level} is not available here (CPU offers {_NAMES[_cpu_level]})")
+    y = _ext.gemv(x, weight, bias, level)
+    if y is None:
+        raise ValueError("these tensors are not supported by the kernel")
+    return y
+
+
+# ----------------------------------------------------------------------------- choosing the path
+
+
+def _requested_level() -> tuple[int, str]:
+    """The highest path the environment allows, and why."""
+    setting = os.environ.get("QWEN_KERNELS", "auto").strip().lower()
+    if setting in ("off", "torch", "none", "0", "false", "no"):
+        return 0, f"QWEN_KERNELS={setting}"
+    if setting in _LEVELS:
+        level, why = _LEVELS[setting], f"QWEN_KERNELS={setting}"
+    else:
+        if setting not in ("", "auto", "on", "1", "true", "yes"):
+            logger.warning("QWEN_KERNELS=%r is not one of off, avx2, avx512, avx512_bf16, auto: using auto", setting)
+        level, why = 3, "auto"
+    aten = os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower()
+    if aten in ("avx2", "default") and level > 1:
+        level, why = 1, f"ATEN_CPU_CAPABILITY={aten}"
+    return level, why
+
+
+def _ensure() -> None:
+    global _ready, _level
+    if _ready:
+        return
+    with _lock:
+        if _ready:
+            return
+        cap, why = _requested_level()
+        if cap == 0:
+            logger.info("backend: torch (%s)", why)
+        elif not _x86():
+            logger.info("backend: torch (no kernel for %s on %s)", platform.machine(), sys.platform)
+        else:
+            how = _extension()
+            if _ext is not None:
+                _level = min(cap, _cpu_level)
+                if int(_ext.max_rows) != MAX_ROWS:  # a stale build: never expected, but never wrong either
+                    logger.warning("qwen.kernels: the extension takes %s rows, not %s; using torch", _ext.max_rows,
+                                   MAX_ROWS)
+                    _level = 0
+                offers = _NAMES[_cpu_level] if _cpu_level else "none of avx2+fma+f16c"
+                logger.info("backend: %s (CPU offers %s, %s; extension %s)", _NAMES[_level], offers, why, how)
+        _ready = True
+
+
+def _x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64") and sys.platform != "win32"
+
+
+def _extension() -> str | None:
+    """Build or load the extension once per process (whatever the caps say); how it came, or None."""
+    global _tried, _ext, _cpu_level
+    with _lock:
+        if _tried:
+            return None
+        _tried = True
+        ext, how = _load_extension()
+        if ext is not None:
+            _ext, _cpu_level = ext, int(ext.cpu_isa())
+        return how
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _source_dir() -> Path:
+    return Path(__file__).resolve().parent
+
+
+def _extra_cflags() -> list[str]:
+    flags = list(_CFLAGS)
+    # at::parallel_for is inlined into the extension: with torch's OpenMP backend it needs the
+    # OpenMP pragmas compiled in. Only the compile step gets -fopenmp: the GOMP symbols then bind
+    # to the OpenMP runtime torch already loaded (one thread pool, torch.set_num_threads applies).
+    if torch.backends.openmp.is_available():
+        flags.append("-fopenmp")
+    return flags
+
+
+def _tag() -> str:
+    digest = hashlib.sha256()
+    for name in _SOURCES:
+        digest.update(name.encode())
+        digest.update((_source_dir() / name).read_bytes())
+    for part in (torch.__version__, getattr(torch.version, "git_version", ""), sys.implementation.cache_tag,
+                 platform.machine(), " ".join(_extra_cflags())):
+        digest.update(b"\0" + str(part).encode())
+    return digest.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    """Where the extension is built: $QWEN_KERNEL_CACHE/<tag>, default ~/.cache/qwen/kernels/<tag>."""
+    base = os.environ.get("QWEN_KERNEL_CACHE")
+    if not base:
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        base = os.path.join(xdg, "qwen", "kernels")
+    return Path(base) / _tag()
+
+
+def _import_built(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _load_extension():
+    """(module, how) or (None, None) after one warning."""
+    start = time.perf_counter()
+    try:
+        directory = cache_dir()
+        name = f"qwen_cpu_gemv_{directory.name}"
+        built = directory / f"{name}.so"
+        if built.is_file():
+            try:
+                return _import_built(name, built), f"loaded from {directory}"
+            except Exception:  # a partial or foreign file: let torch (re)build it under its lock
+                logger.debug("could not load %s, rebuilding", built, exc_info=True)
+        module = _build(name, directory)
+        return module, f"built in {time.perf_counter() - start:.1f} s into {directory}"
+    except Exception as exc:  # never raise: torch's kernels always work
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        # A failed compilation: its first "error:" line says more than the command line before it.
+        reason = next((line for line in lines if "error:" in line), lines[0] if lines else "")
+        logger.warning("qwen.kernels: could not build the CPU kernel extension (%s: %s); using torch "
+                       "(QWEN_KERNELS=off skips the attempt)", type(exc).__name__, reason[:300])
+        logger.debug("build failure", exc_info=True)
+        return None, None
+
+
+def _build(name: str, directory: Path):
+    from torch.utils import cpp_extension
+
+    compiler = cpp_extension.get_cxx_compiler()
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"C++ compiler {compiler!r} not found (set CXX)")
+    directory.mkdir(parents=True, exist_ok=True)
+    sources = [str(_source_dir() / source) for source in _SOURCES]
+    # ninja may come from the PyPI package, whose binary lives next to this interpreter.
+    saved_path = os.environ.get("PATH")
+    bin_dir = os.path.dirname(sys.executable)
+    if bin_dir not in (saved_path or "").split(os.pathsep):
+        os.environ["PATH"] = bin_dir + (os.pathsep + saved_path if saved_path else "")
+    torch_logger = logging.getLogger("torch.utils.cpp_extension")
+    saved_level = torch_logger.level
+    torch_logger.setLevel(logging.ERROR)  # our one warning says it if the build fails
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return cpp_extension.load(name=name, sources=sources, extra_cflags=_extra_cflags(),
+                                      build_directory=str(directory), verbose=False)
+    finally:
+        torch_logger.setLevel(saved_level)
+        if saved_path is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = saved_path

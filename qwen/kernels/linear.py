@@ -1,0 +1,51 @@
+"""Routing a model's small-M products to our kernel.
+
+    from qwen.kernels.linear import use_kernels
+    use_kernels(model)   # done by QWenLMHeadModel.from_pretrained and Engine for CPU 16-bit models
+
+Every `nn.Linear` of the model whose weight is bf16 or fp16 on the CPU becomes a `KernelLinear`: the
+same module (same parameters, state dict, `isinstance(m, nn.Linear)`), whose forward sends calls of
+up to `MAX_ROWS` activation rows without autograd (decoding) to `qwen.kernels.gemv` and everything
+else (prefill, training) to `F.linear`. `QWEN_KERNELS=off` keeps torch's numerics everywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import backend, gemv
+
+
+class KernelLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gemv(x, self.weight, self.bias)
+
+
+def use_kernels(model: nn.Module) -> int:
+    """Swap the model's CPU bf16/fp16 linear layers to KernelLinear; returns how many were swapped
+    (0 when the kernel is unavailable or switched off: the model is left as it was)."""
+    if backend() == "torch":
+        return 0
+    swapped = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if (
+            type(module) is nn.Linear
+            and weight.device.type == "cpu"
+            and weight.dtype in (torch.bfloat16, torch.float16)
+        ):
+            module.__class__ = KernelLinear
+            swapped += 1
+    return swapped
+
+
+def use_torch(model: nn.Module) -> int:
+    """Undo use_kernels: every KernelLinear computes with torch's F.linear again (torch's exact
+    numerics, e.g. to compare bit for bit with the original); returns how many were swapped back."""
+    swapped = 0
+    for module in model.modules():
+        if type(module) is KernelLinear:
+            module.__class__ = nn.Linear
+            swapped += 1
+    return swapped

@@ -1,0 +1,367 @@
+"""qwen.kernels: the small-M bf16/fp16 CPU kernel against an fp32 reference, on every code path this
+CPU offers (in process, and in subprocesses under QWEN_KERNELS / ATEN_CPU_CAPABILITY caps), its
+fallbacks to F.linear, and the build failure path.
+
+Error bound. The inputs are bf16/fp16 values, so every product x_k * w_k is exact in fp32 (8x8 or
+11x11 significand bits), and the kernel and the reference both sum them in fp32, in different
+orders: each sum is within gamma_K * S of the exact dot product, S = sum_k |x_k w_k| + |b| and
+gamma_K ~ K * 2^-24. The kernel then rounds once to the output dtype, adding at most u * |y|
+(u = 2^-8 for bf16, 2^-11 for fp16: 8 and 11 significand bits; below the normal range half
+the subnormal spacing, u * smallest_normal). So
+    |kernel - reference| <= u * |reference| + 3 * K * 2^-24 * S + u * smallest_normal
+holds for a correct kernel whatever its summation order; a wrong element or a dropped tail exceeds
+it, and so can rounding partial sums to 16 bits (torch's own bf16 F.linear exceeds it on some
+inputs, so where gemv falls back to torch it is compared with F.linear itself). As a check that the
+rounding is to nearest and the fp32 sums are really fp32, most outputs must also equal the reference
+rounded to the dtype exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qwen import kernels
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DTYPES = [torch.bfloat16, torch.float16]
+NAMES = {0: "torch", 1: "avx2", 2: "avx512", 3: "avx512_bf16"}
+# K and N around the vector widths (16 fp32 lanes, 32 bf16) and the 4-row tiles, plus real sizes.
+KS = [1, 7, 15, 16, 17, 31, 32, 33, 63, 64, 65, 2048, 2049]
+NS = [1, 3, 4, 5, 17, 1024]
+MS = [1, 2, 5, 16]
+
+
+# ----------------------------------------------------------------------------- what this machine offers
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+X86 = platform.machine().lower() in ("x86_64", "amd64") and sys.platform != "win32"
+
+
+def cpu_level() -> int:
+    """The best kernel path the CPU flags allow (Linux clears a flag the OS does not enable)."""
+    if not X86:
+        return 0
+    flags = cpu_flags()
+    if not {"avx2", "fma", "f16c"} <= flags:
+        return 0
+    if not {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        return 1
+    return 3 if "avx512_bf16" in flags else 2
+
+
+CPU_LEVEL = cpu_level()
+OFFERED = list(range(1, CPU_LEVEL + 1))  # the paths this CPU runs; an AVX2-only machine has [1]
+
+
+def expected_level(env) -> int:
+    setting = env.get("QWEN_KERNELS", "auto").strip().lower()
+    off = {"off", "torch", "none", "0", "false", "no"}
+    cap = 0 if setting in off else {"avx2": 1, "avx512": 2, "avx512_bf16": 3}.get(setting, 3)
+    if env.get("ATEN_CPU_CAPABILITY", "").strip().lower() in ("avx2", "default"):
+        cap = min(cap, 1)
+    return min(cap, CPU_LEVEL)
+
+
+@pytest.fixture(scope="module")
+def built():
+    """The backend of this process. The extension is built (or loaded) here, even where the
+    environment caps this process at torch, so that the subprocesses load it from the cache."""
+    name = kernels.backend()
+    if X86:
+        kernels._extension()
+    return name
+
+
+# ----------------------------------------------------------------------------- the reference
+
+
+def unit_roundoff(dtype) -> float:
+    return {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]  # 8 and 11 significand bits
+
+
+def check_against_fp32(y, x, w, b, what="") -> float:
+    """Assert the bound in the module docstring; returns the fraction of outputs equal to the
+    correctly rounded reference."""
+    n, k = w.shape
+    assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], n), what
+    xf, wf = x.reshape(-1, k).float(), w.float()
+    ref = xf @ wf.T
+    size = xf.abs() @ wf.abs().T
+    if b is not None:
+        ref = ref + b.float()
+        size = size + b.float().abs()
+    u = unit_roundoff(x.dtype)
+    bound = u * ref.abs() + 3 * k * 2.0**-24 * size + u * torch.finfo(x.dtype).smallest_normal
+    err = (y.reshape(-1, n).float() - ref).abs()
+    worst = (err - bound).max().item()
+    assert worst <= 0, f"{what}: error exceeds the bound by {worst:.3g} (max error {err.max().item():.3g})"
+    return (y.reshape(-1, n) == ref.to(x.dtype)).float().mean().item()
+
+
+def check_gemv(y, x, w, b, what=""):
+    """kernels.gemv's result y: within the bound where our kernel ran, else exactly F.linear's (whose
+    bf16 kernels may round more than once: they are not held to the bound)."""
+    if kernels.backend() != "torch" and kernels.supports(x, w):
+        check_against_fp32(y, x, w, b, what)
+    else:
+        assert torch.equal(y, F.linear(x, w, b)), what
+
+
+def random_case(m, n, k, dtype, bias, generator):
+    x = torch.randn(m, k, generator=generator).to(dtype)
+    w = torch.randn(n, k, generator=generator).to(dtype)
+    b = None if bias is None else torch.randn(n, generator=generator).to(bias)
+    return x, w, b
+
+
+# ----------------------------------------------------------------------------- backend choice
+
+
+def test_backend_matches_cpu_flags(built):
+    seen = NAMES[kernels._cpu_level]
+    assert kernels._cpu_level == CPU_LEVEL, f"extension sees {seen}, /proc/cpuinfo {NAMES[CPU_LEVEL]}"
+    assert built == NAMES[expected_level(os.environ)]
+    assert kernels.MAX_ROWS >= 16
+    if CPU_LEVEL:
+        assert kernels._ext.max_rows == kernels.MAX_ROWS
+
+
+# ----------------------------------------------------------------------------- every path against fp32
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("level", OFFERED, ids=[NAMES[level] for level in OFFERED])
+def test_matches_fp32_reference(built, level, dtype):
+    generator = torch.Generator().manual_seed(level * 10 + DTYPES.index(dtype))
+    exact, total = 0.0, 0
+    for k in KS:
+        for n in NS:
+            for m in MS:
+                bias = [None, dtype, torch.float32][(k + n + m) % 3]
+                x, w, b = random_case(m, n, k, dtype, bias, generator)
+                y = kernels._gemv_at(x, w, b, level)
+                exact += check_against_fp32(y, x, w, b, f"{NAMES[level]} M={m} N={n} K={k} bias={bias}") * m * n
+                total += m * n
+    assert exact / total > 0.99, f"only {exact / total:.1%} of outputs are the correctly rounded fp32 result"
+
+
+@pytest.mark.parametrize("level", OFFERED, ids=[NAMES[level] for level in OFFERED])
+def test_rows_and_threads_do_not_change_results(built, level):
+    """Each output is one fixed-order fp32 sum: the same bits whatever M, the M blocking or the threads."""
+    generator = torch.Generator().manual_seed(7)
+    for dtype in DTYPES:
+        x, w, b = random_case(13, 1029, 2049, dtype, dtype, generator)
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(max(threads, 2))  # the rows split over (at least) two threads
+            full = kernels._gemv_at(x, w, b, level)
+            for i in range(x.shape[0]):
+                assert torch.equal(kernels._gemv_at(x[i:i + 1], w, b, level), full[i:i + 1])
+            torch.set_num_threads(1)
+            single = kernels._gemv_at(x, w, b, level)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(single, full)
+
+
+def test_large_layer_uses_the_backend(built):
+    """A Qwen-1.8B sized layer through the public gemv (whatever backend runs here)."""
+    generator = torch.Generator().manual_seed(3)
+    for dtype in DTYPES:
+        for m in (1, 4):
+            x, w, b = random_case(m, 2048, 5504, dtype, dtype, generator)
+            assert kernels.supports(x, w) == (built != "torch")
+            check_gemv(kernels.gemv(x, w, b), x, w, b, f"{dtype} M={m}")
+
+
+# ----------------------------------------------------------------------------- shapes, layouts, fallbacks
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+def test_leading_dims_and_vectors(built, dtype):
+    generator = torch.Generator().manual_seed(1)
+    x, w, b = random_case(6, 40, 96, dtype, dtype, generator)
+    x3 = x.reshape(2, 3, 96)
+    y3 = kernels.gemv(x3, w, b)
+    assert y3.shape == (2, 3, 40)
+    check_gemv(y3, x3, w, b, "[B, T, K]")
+    assert kernels.supports(x3, w) == (built != "torch")
+    y1 = kernels.gemv(x[0], w)  # a 1-D activation, like F.linear
+    assert y1.shape == (40,)
+    check_gemv(y1, x[0], w, None, "[K]")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+def test_non_contiguous_inputs(built, dtype):
+    generator = torch.Generator().manual_seed(2)
+    x, w, b = random_case(4, 33, 70, dtype, dtype, generator)
+    strided_x = torch.randn(4, 140, generator=generator).to(dtype)[:, ::2]  # every other column
+    assert not strided_x.is_contiguous()
+    assert kernels.supports(strided_x, w) == (built != "torch")  # copied: M * K elements
+    check_gemv(kernels.gemv(strided_x, w, b), strided_x, w, b, "strided x")
+    strided_x3 = torch.randn(3, 2, 70, generator=generator).to(dtype).transpose(0, 1)  # [B, T, K] view
+    assert kernels.supports(strided_x3, w) == (built != "torch")
+    check_gemv(kernels.gemv(strided_x3, w, b), strided_x3, w, b, "strided [B, T, K]")
+    transposed_x = x.T.contiguous().T
+    check_gemv(kernels.gemv(transposed_x, w, b), transposed_x, w, b, "transposed x")
+    strided_b = torch.randn(66, generator=generator).to(dtype)[::2]
+    check_gemv(kernels.gemv(x, w, strided_b), x, w, strided_b, "strided bias")
+    # A non-contiguous weight is not ours (copying it would cost more than the product): F.linear.
+    w_t = w.T.contiguous().T
+    assert not kernels.supports(x, w_t)
+    assert torch.equal(kernels.gemv(x, w_t, b), F.linear(x, w_t, b))
+
+
+def test_unsupported_falls_back_to_linear(built):
+    generator = torch.Generator().manual_seed(4)
+    cases = []
+    x, w, b = random_case(kernels.MAX_ROWS + 1, 8, 16, torch.bfloat16, torch.bfloat16, generator)
+    cases.append(("too many rows", x, w, b))
+    x, w, b = random_case(3, 8, 16, torch.float32, torch.float32, generator)
+    cases.append(("fp32", x, w, b))
+    x, w, b = random_case(3, 8, 0, torch.bfloat16, None, generator)
+    cases.append(("K = 0", x, w, b))
+    cases.append(("M = 0", torch.zeros(0, 16, dtype=torch.bfloat16), w.new_zeros(8, 16), None))
+    x, w, b = random_case(2, 8, 16, torch.bfloat16, None, generator)
+    cases.append(("N = 0", x, w[:0], None))
+    for what, x, w, b in cases:
+        assert not kernels.supports(x, w), what
+        assert torch.equal(kernels.gemv(x, w, b), F.linear(x, w, b)), what
+    x, w, b = random_case(2, 8, 16, torch.bfloat16, None, generator)
+    with pytest.raises(RuntimeError):  # mixed dtypes: whatever F.linear says
+        kernels.gemv(x, w.half())
+
+
+def test_autograd_falls_back(built):
+    generator = torch.Generator().manual_seed(5)
+    x, w, b = random_case(2, 8, 16, torch.bfloat16, torch.bfloat16, generator)
+    w = torch.nn.Parameter(w)
+    assert not kernels.supports(x, w)  # grad mode on and the weight requires grad
+    y = kernels.gemv(x, w, b)
+    y.float().sum().backward()
+    assert w.grad is not None and torch.equal(w.grad, x.sum(0, keepdim=True).expand_as(w).to(w.grad.dtype))
+    with torch.no_grad():
+        assert kernels.supports(x, w) == (built != "torch")
+        check_gemv(kernels.gemv(x, w, b), x, w.detach(), b, "Parameter under no_grad")
+    with torch.inference_mode():
+        check_gemv(kernels.gemv(x, w, b), x, w.detach(), b, "Parameter under inference_mode")
+
+
+# ----------------------------------------------------------------------------- subprocesses: caps and failures
+
+
+CHILD = textwrap.dedent(
+    """
+    import importlib.util, json, logging, pathlib, sys, types, warnings
+    root, broken = sys.argv[1], sys.argv[2]
+    records = []
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append((record.levelname, record.name, record.getMessage()))
+    logging.getLogger().addHandler(Keep())
+    logging.getLogger().setLevel(logging.INFO)
+    import torch
+    # qwen.kernels by itself (it imports only torch): the package's __init__ imports transformers,
+    # which would cost seconds per subprocess.
+    spec = importlib.util.spec_from_file_location("qwen.kernels", root + "/qwen/kernels/__init__.py")
+    kernels = importlib.util.module_from_spec(spec)
+    package = types.ModuleType("qwen")
+    package.__path__, package.kernels = [], kernels
+    sys.modules.update({"qwen": package, "qwen.kernels": kernels})
+    spec.loader.exec_module(kernels)
+    if broken:  # a source that does not compile
+        kernels._source_dir = lambda: pathlib.Path(broken)
+    sys.path.insert(0, root)
+    from tests.test_kernels import check_gemv, random_case
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        name = kernels.backend()
+    generator = torch.Generator().manual_seed(11)
+    for dtype in (torch.bfloat16, torch.float16):
+        for m, n, k in ((1, 17, 33), (5, 67, 2049), (16, 3, 7)):
+            x, w, b = random_case(m, n, k, dtype, dtype, generator)
+            check_gemv(kernels.gemv(x.reshape(1, m, k), w, b), x.reshape(1, m, k), w, b, f"{name} {m} {n} {k}")
+            assert kernels.supports(x, w) == (name != "torch")
+    print(json.dumps({"backend": name, "records": records, "warnings": [str(w.message) for w in caught]}))
+    """
+)
+
+
+def run_child(broken="", **env_changes):
+    """Run CHILD (backend, correctness, log records) under `env_changes`, with `broken`: a directory
+    whose cpu_gemv.cpp replaces ours."""
+    env = {key: value for key, value in os.environ.items() if key not in ("QWEN_KERNELS", "ATEN_CPU_CAPABILITY")}
+    env.update(env_changes)
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(REPO_ROOT), str(broken)], check=False,
+                          capture_output=True, text=True, env=env, timeout=600, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["stderr"] = proc.stderr
+    return result
+
+
+CAPS = [{}, {"QWEN_KERNELS": "avx2"}, {"ATEN_CPU_CAPABILITY": "avx2"}, {"ATEN_CPU_CAPABILITY": "default"},
+        {"QWEN_KERNELS": "avx512"}, {"QWEN_KERNELS": "off"}]
+
+
+@pytest.mark.parametrize("env", CAPS, ids=lambda env: ",".join(f"{k}={v}" for k, v in env.items()) or "auto")
+def test_environment_caps_the_path(built, env):
+    result = run_child(**env)
+    assert result["backend"] == NAMES[expected_level(env)]
+    infos = [message for level, name, message in result["records"] if name == "qwen.kernels" and level == "INFO"]
+    assert len(infos) == 1 and result["backend"] in infos[0], result["records"]
+    if expected_level(env):  # built by the fixture: this process only loads it
+        assert "loaded from" in infos[0], infos
+    assert not [r for r in result["records"] if r[0] in ("WARNING", "ERROR")] and not result["warnings"], result
+
+
+@pytest.mark.parametrize("failure", ["no compiler", "compiler fails", "compile error"])
+def test_build_failure_falls_back_to_torch(built, tmp_path, failure):
+    """No build: one warning, backend "torch", gemv still right (an empty cache dir, so nothing prebuilt)."""
+    env = {"QWEN_KERNEL_CACHE": str(tmp_path / "cache")}
+    broken = ""
+    if failure == "no compiler":
+        env["CXX"] = str(tmp_path / "no-such-compiler")
+    elif failure == "compiler fails":
+        env["CXX"] = "/bin/false"
+    else:
+        broken = tmp_path / "broken"
+        broken.mkdir()
+        (broken / "cpu_gemv.cpp").write_text("this is not C++;\n")
+    result = run_child(broken, **env)
+    assert result["backend"] == "torch"
+    problems = [r for r in result["records"] if r[0] in ("WARNING", "ERROR")] + result["warnings"]
+    if not X86:  # no kernel for this machine: nothing is built, nothing to warn about
+        assert not problems, problems
+        return
+    assert len(problems) == 1 and problems[0][1] == "qwen.kernels" and "using torch" in problems[0][2], problems
+    if failure == "compile error":
+        assert "error:" in problems[0][2], problems  # the compiler's message, not just "it failed"
+    assert not list((tmp_path / "cache").rglob("*.so"))
+
+
+def test_bench_smoke():
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "gemv.py"), "--smoke"], check=False,
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "memory read bandwidth" in proc.stdout and "ours/torch" in proc.stdout
