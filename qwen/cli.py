@@ -32,7 +32,7 @@ import sys
 import unicodedata
 from types import SimpleNamespace
 
-from .loading import add_precision_arguments, error_text
+from .loading import add_precision_arguments, add_upstream_arguments, check_upstream_arguments, error_text
 from .qwen_generation_utils import DEFAULT_SYSTEM
 
 DEFAULT_CKPT_PATH = "Qwen/Qwen-7B-Chat"
@@ -151,31 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompt", metavar="TEXT",
         help="answer TEXT (a query, never a :command), print only the reply and exit; stdin is not read",
     )
-    upstream = parser.add_argument_group("upstream engine (chat with another OpenAI-compatible server)")
-    upstream.add_argument(
-        "--upstream", metavar="URL",
-        help="generate on the OpenAI-compatible server at URL (openai_api.py, or vLLM serving a "
-             "qwen.tools.export_qwen2 export) instead of loading the weights; -c still gives the tokenizer, "
-             "chat format and generation config",
-    )
-    upstream.add_argument(
-        "--upstream-api-key", metavar="KEY",
-        help="Bearer key for the upstream (default: the QWEN_UPSTREAM_API_KEY environment variable)",
-    )
-    upstream.add_argument("--upstream-model", metavar="NAME",
-                          help="model id to ask the upstream for (default: the first one it lists)")
+    add_upstream_arguments(parser, "chat with another OpenAI-compatible server")
     return parser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.upstream is None and (args.upstream_api_key is not None or args.upstream_model is not None):
-        parser.error("--upstream-api-key and --upstream-model need --upstream URL")
-    if args.upstream is not None and not args.upstream.strip().lower().startswith(("http://", "https://")):
-        parser.error(f"--upstream must be an http:// or https:// URL, got {args.upstream!r}")
-    if args.upstream_api_key is None:
-        args.upstream_api_key = os.environ.get("QWEN_UPSTREAM_API_KEY") or None
+    check_upstream_arguments(parser, args)
     return args
 
 

@@ -190,6 +190,57 @@ def add_precision_arguments(parser) -> None:
     )
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is in [0, 65535], got {value}")
+    return value
+
+
+def add_upstream_arguments(parser, title: str):
+    """--upstream URL, --upstream-api-key, --upstream-model, the same on every front end; returns the
+    argument group (a front end may add its own options to it). check_upstream_arguments after parsing."""
+    group = parser.add_argument_group(f"upstream engine ({title})")
+    group.add_argument("--upstream", metavar="URL",
+                       help="generate on the OpenAI-compatible server at URL (openai_api.py, or vLLM serving a "
+                            "qwen.tools.export_qwen2 export) instead of loading the weights; -c still gives the "
+                            "tokenizer, chat format and generation config")
+    group.add_argument("--upstream-api-key", metavar="KEY",
+                       help="Bearer key for the upstream (default: the QWEN_UPSTREAM_API_KEY environment variable)")
+    group.add_argument("--upstream-model", metavar="NAME",
+                       help="model id to ask the upstream for (default: the first one its /v1/models lists)")
+    return group
+
+
+def check_upstream_arguments(parser, args) -> None:
+    """parser.error for --upstream options that cannot work; the key defaults to QWEN_UPSTREAM_API_KEY."""
+    if args.upstream is None and (args.upstream_api_key is not None or args.upstream_model is not None):
+        parser.error("--upstream-api-key and --upstream-model need --upstream URL")
+    if args.upstream is not None and not args.upstream.strip().lower().startswith(("http://", "https://")):
+        parser.error(f"--upstream must be an http:// or https:// URL, got {args.upstream!r}")
+    if args.upstream_api_key is None:
+        args.upstream_api_key = os.environ.get("QWEN_UPSTREAM_API_KEY") or None
+
+
 def _quantization(text: str) -> str:
     import argparse
 

@@ -381,28 +381,12 @@ def launch(demo, **options):
 # ============================================================================= command line
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is in [0, 65535], got {value}")
-    return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .loading import add_precision_arguments
+    from .loading import add_precision_arguments, add_upstream_arguments, port_number, positive_int
 
     parser = argparse.ArgumentParser(prog="web_demo.py", description="Chat with a Qwen (v1) chat model in the browser.")
     parser.add_argument("-c", "--checkpoint-path", default=DEFAULT_CKPT_PATH,
@@ -411,36 +395,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_precision_arguments(parser)
     parser.add_argument("--share", action="store_true", help="also serve the page through a public gradio.live link")
     parser.add_argument("--inbrowser", action="store_true", help="open the page in the default browser")
-    parser.add_argument("--server-port", type=_port, default=8000, help="port to listen on (default: %(default)s)")
+    parser.add_argument("--server-port", type=port_number, default=8000, help="port to listen on (default: %(default)s)")
     parser.add_argument("--server-name", default="127.0.0.1",
                         help="address to listen on (default: %(default)s, this computer only; 0.0.0.0 for all)")
-    parser.add_argument("--max-new-tokens", type=_positive_int, metavar="N",
+    parser.add_argument("--max-new-tokens", type=positive_int, metavar="N",
                         help="the page's initial max new tokens (default: the checkpoint's generation_config)")
-    parser.add_argument("--max-running", type=_positive_int, default=8,
+    parser.add_argument("--max-running", type=positive_int, default=8,
                         help="replies generated together, across all tabs (default: %(default)s)")
-    parser.add_argument("--max-context", type=_positive_int, metavar="TOKENS",
+    parser.add_argument("--max-context", type=positive_int, metavar="TOKENS",
                         help="prompt + reply tokens per conversation (default: the model's maximum)")
-    upstream = parser.add_argument_group("upstream engine (chat with another OpenAI-compatible server)")
-    upstream.add_argument("--upstream", metavar="URL",
-                          help="generate on the OpenAI-compatible server at URL (openai_api.py, or vLLM serving a "
-                               "qwen.tools.export_qwen2 export) instead of loading the weights; -c still gives the "
-                               "tokenizer, chat format and generation defaults")
-    upstream.add_argument("--upstream-api-key", metavar="KEY",
-                          help="Bearer key for the upstream (default: the QWEN_UPSTREAM_API_KEY environment variable)")
-    upstream.add_argument("--upstream-model", metavar="NAME",
-                          help="model id to ask the upstream for (default: the first one it lists)")
+    add_upstream_arguments(parser, "chat with another OpenAI-compatible server")
     return parser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from .loading import check_upstream_arguments
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.upstream is None and (args.upstream_api_key is not None or args.upstream_model is not None):
-        parser.error("--upstream-api-key and --upstream-model need --upstream URL")
-    if args.upstream is not None and not args.upstream.strip().lower().startswith(("http://", "https://")):
-        parser.error(f"--upstream must be an http:// or https:// URL, got {args.upstream!r}")
-    if args.upstream_api_key is None:
-        args.upstream_api_key = os.environ.get("QWEN_UPSTREAM_API_KEY") or None
+    check_upstream_arguments(parser, args)
     args.max_waiting = 64
     args.upstream_wait = 10  # an interactive start: say so soon when the upstream is not there
     return args

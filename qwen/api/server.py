@@ -48,26 +48,6 @@ Use it with the official client:  OpenAI(base_url="http://127.0.0.1:8000/v1", ap
 """
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is in [0, 65535], got {value}")
-    return value
-
-
 def _user_password(text: str) -> str:
     user, sep, _ = text.partition(":")
     if not sep or not user:
@@ -80,7 +60,7 @@ def _origins(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..loading import add_precision_arguments
+    from ..loading import add_precision_arguments, add_upstream_arguments, port_number, positive_int
 
     parser = argparse.ArgumentParser(
         prog="openai_api.py",
@@ -97,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "default: the QWEN_API_KEY environment variable, if set")
     parser.add_argument("--cpu-only", action="store_true", help="run the model on the CPU even if a GPU is present")
     add_precision_arguments(parser)
-    parser.add_argument("--server-port", type=_port, default=8000, help="port to listen on (default: %(default)s)")
+    parser.add_argument("--server-port", type=port_number, default=8000, help="port to listen on (default: %(default)s)")
     parser.add_argument("--server-name", default="127.0.0.1",
                         help="address to listen on (default: %(default)s, this computer only; 0.0.0.0 for all)")
     parser.add_argument("--disable-gc", action="store_true",
@@ -105,29 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--served-model-name", metavar="NAME",
                         help="model id reported by /v1/models and in replies (default: the checkpoint's "
                              "directory name)")
-    parser.add_argument("--max-running", type=_positive_int, default=None,
+    parser.add_argument("--max-running", type=positive_int, default=None,
                         help=f"sequences generated together (default: {DEFAULT_MAX_RUNNING}; with --upstream, "
                              f"requests sent to it at once, default: {DEFAULT_UPSTREAM_RUNNING})")
-    parser.add_argument("--max-waiting", type=_positive_int, default=64,
+    parser.add_argument("--max-waiting", type=positive_int, default=64,
                         help="requests that may wait for a slot; more are refused with 429 (default: %(default)s)")
-    parser.add_argument("--max-context", type=_positive_int, metavar="TOKENS",
+    parser.add_argument("--max-context", type=positive_int, metavar="TOKENS",
                         help="prompt + reply tokens per sequence (default: the model's maximum)")
     parser.add_argument("--cors-origins", type=_origins, metavar="ORIGINS",
                         help="comma-separated origins allowed by CORS, or '*' (default: no CORS headers)")
-    parser.add_argument("--max-body-bytes", type=_positive_int, default=MAX_BODY_BYTES,
+    parser.add_argument("--max-body-bytes", type=positive_int, default=MAX_BODY_BYTES,
                         help="largest request body accepted; larger ones get 413 (default: %(default)s)")
-    upstream = parser.add_argument_group("upstream engine (generation on another OpenAI-compatible server)")
-    upstream.add_argument("--upstream", metavar="URL",
-                          help="send raw-prompt completions to the OpenAI-compatible server at URL (e.g. "
-                               "http://gpu-host:8001: `vllm serve` on a qwen.tools.export_qwen2 export, or another "
-                               "openai_api.py) instead of loading the weights; -c still gives the tokenizer and "
-                               "generation config")
-    upstream.add_argument("--upstream-api-key", metavar="KEY",
-                          help="Bearer key for the upstream (default: the QWEN_UPSTREAM_API_KEY environment "
-                               "variable, if set)")
-    upstream.add_argument("--upstream-model", metavar="NAME",
-                          help="model id to ask the upstream for (default: the first one its /v1/models lists)")
-    upstream.add_argument("--upstream-wait", type=_positive_int, default=600, metavar="SECONDS",
+    upstream = add_upstream_arguments(parser, "generation on another OpenAI-compatible server: raw-prompt "
+                                      "completions go there")
+    upstream.add_argument("--upstream-wait", type=positive_int, default=600, metavar="SECONDS",
                           help="how long to wait for an upstream that does not answer yet (default: %(default)s)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                         help="server log level (default: %(default)s)")
@@ -135,16 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from ..loading import check_upstream_arguments
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.api_key is None:
         args.api_key = os.environ.get("QWEN_API_KEY") or None
-    if args.upstream is None and (args.upstream_api_key is not None or args.upstream_model is not None):
-        parser.error("--upstream-api-key and --upstream-model need --upstream URL")
-    if args.upstream is not None and not args.upstream.strip().lower().startswith(("http://", "https://")):
-        parser.error(f"--upstream must be an http:// or https:// URL, got {args.upstream!r}")
-    if args.upstream_api_key is None:
-        args.upstream_api_key = os.environ.get("QWEN_UPSTREAM_API_KEY") or None
+    check_upstream_arguments(parser, args)
     if args.max_running is None:
         args.max_running = DEFAULT_UPSTREAM_RUNNING if args.upstream else DEFAULT_MAX_RUNNING
     return args
