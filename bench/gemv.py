@@ -28,6 +28,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode import memory_read_bandwidth  # noqa: E402  (bench/decode.py, next to this script)
+
 from qwen import kernels  # noqa: E402
 from qwen.machine import cpu_model  # noqa: E402
 
@@ -41,18 +44,6 @@ LAYERS = [
 SMOKE_LAYERS = [("smoke", 96, 160)]
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 COVER_BYTES = 256 * 2**20  # weight copies per layer: at least this many bytes, well above the L3 cache
-
-
-def memory_read_bandwidth(gib: float, repeats: int = 5) -> float:
-    """Bytes/s reading a `gib` GiB fp32 tensor with t.sum(), median of `repeats` after a warm-up."""
-    t = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
-    t.sum()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        t.sum()
-        times.append(time.perf_counter() - start)
-    return t.numel() * 4 / statistics.median(times)
 
 
 def time_pair(x, weights, calls):
