@@ -32,7 +32,9 @@ import sys
 import unicodedata
 from types import SimpleNamespace
 
-from .loading import add_precision_arguments, add_upstream_arguments, check_upstream_arguments, error_text
+from .loading import (
+    add_precision_arguments, add_upstream_arguments, check_upstream_arguments, error_text, positive_int,
+)
 from .qwen_generation_utils import DEFAULT_SYSTEM
 
 DEFAULT_CKPT_PATH = "Qwen/Qwen-7B-Chat"
@@ -101,16 +103,6 @@ _SEED_RANGE = 2**32  # the seeds the original accepted (numpy's seeding inside s
 # ----------------------------------------------------------------------------- arguments
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {value}")
-    return value
-
-
 def _seed(text: str) -> int:
     try:
         value = int(text)
@@ -135,11 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpu-only", action="store_true", help="run on the CPU even when a GPU is available")
     add_precision_arguments(parser)
     parser.add_argument(
-        "--max-new-tokens", type=_positive_int, default=None, metavar="N",
+        "--max-new-tokens", type=positive_int, default=None, metavar="N",
         help="override the checkpoint's max_new_tokens (default: the checkpoint's generation config)",
     )
     parser.add_argument(
-        "--max-context", type=_positive_int, default=None, metavar="TOKENS",
+        "--max-context", type=positive_int, default=None, metavar="TOKENS",
         help=f"prompt + reply tokens of a turn; older turns are dropped to fit (default: the model's maximum, "
              f"at most {DEFAULT_MAX_CONTEXT}; the engine's KV cache takes memory for this many tokens)",
     )

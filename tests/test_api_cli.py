@@ -1,7 +1,6 @@
 """`openai_api.py` as a program: its options, its errors, and a real run on a tiny checkpoint."""
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -10,7 +9,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from helpers import free_port
+from helpers import free_port, stop_server
 
 from qwen.api.server import main, parse_args
 
@@ -106,12 +105,7 @@ def test_serves_a_checkpoint(tmp_path):
         assert reply.model == "tiny-chat" and reply.usage.completion_tokens >= 1
         assert httpx.get(url + "/v1/models").status_code == 401
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            _, err = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
+        err = stop_server(proc)
     assert proc.returncode == 0, err
 
 

@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 import torch
+from helpers import USER, WEATHER_TOOL
 
 from qwen.api.app import create_app, set_engine
 from qwen.api.server import BackgroundServer
@@ -17,15 +18,6 @@ from qwen.qwen_generation_utils import make_context
 from qwen.serving import Engine
 
 MAX_CONTEXT = 1024
-USER = [{"role": "user", "content": "Hello, who are you?"}]
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Get the current weather in a city.",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ import openai
 import pytest
 import torch
 
-from qwen.api.app import GenerationDefaults, build_chat_plan, create_app
+from qwen.api.app import build_chat_plan, create_app
+from qwen.serving.chat import ChatDefaults
 from qwen.api.protocol import ChatCompletionRequest
 from qwen.api.server import BackgroundServer
 from qwen.serving import Engine
@@ -69,7 +70,7 @@ def engine(tmp_path_factory):
     # 128 hidden units: room for the ~70 reply positions to fit exactly.
     path = build(tmp_path_factory.mktemp("api-tools") / "react-chat", chat=True, dtype="float32", hidden_size=128)
     model, tokenizer = load_model(str(path), cpu_only=True)
-    defaults = GenerationDefaults.of(type("E", (), {"model": model})())
+    defaults = ChatDefaults.of(type("E", (), {"model": model})())
 
     def prompt(messages, tool_choice=None):
         req = ChatCompletionRequest.model_validate({"messages": messages, "tools": TOOLS, "tool_choice": tool_choice})

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from helpers import free_port
+from helpers import USER, WEATHER_TOOL, free_port, stop_server
 
 from qwen.api.app import create_app
 from qwen.api.server import BackgroundServer, load_upstream_engine
@@ -32,15 +32,6 @@ from qwen.serving.upstream import UpstreamEngine
 ROOT = Path(__file__).resolve().parents[1]
 MAX_CONTEXT = 512
 A_KEY, B_KEY = "sk-upstream-a", "sk-front-b"
-USER = [{"role": "user", "content": "Hello, who are you?"}]
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Get the current weather in a city.",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
 SLOW = threading.Event()  # while set, A's engine takes 30 ms per token (to catch a request mid-way)
 
 
@@ -404,16 +395,6 @@ def _start_b(*args):
     return proc, f"http://127.0.0.1:{port}"
 
 
-def _stop(proc):
-    proc.send_signal(signal.SIGINT)
-    try:
-        _, err = proc.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
-    return err
-
-
 def test_the_command_waits_for_its_upstream_then_serves(checkpoint, engine_a):
     a_port = free_port()
     proc, url = _start_b("-c", checkpoint, "--upstream", f"http://127.0.0.1:{a_port}/v1/", "--upstream-api-key",
@@ -427,7 +408,7 @@ def test_the_command_waits_for_its_upstream_then_serves(checkpoint, engine_a):
             reply = chat(client, max_tokens=3, temperature=0)
             assert reply.model == "front" and reply.usage.completion_tokens >= 1
     finally:
-        err = _stop(proc)
+        err = stop_server(proc)
     assert proc.returncode == 0, err
 
 

@@ -30,7 +30,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..qwen_generation_utils import DEFAULT_MAX_WINDOW_SIZE, IM_END, chatml_turn, make_context
+from ..qwen_generation_utils import IM_END, chatml_turn, make_context
+from ..serving.chat import ChatDefaults, stop_token_ids
 from ..serving.params import EngineBusy, RequestError, SamplingParams
 from . import react
 from .protocol import (
@@ -306,47 +307,11 @@ def _tool_call_id() -> str:
     return "call_" + secrets.token_hex(12)
 
 
-@dataclass
-class GenerationDefaults:
-    """The checkpoint's generation settings, used for what a request leaves out (as the original)."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    do_sample: bool = True
-    max_new_tokens: int = 512
-    max_window_size: int = DEFAULT_MAX_WINDOW_SIZE
-    chat_format: str = "chatml"
-
-    @classmethod
-    def of(cls, engine) -> GenerationDefaults:
-        config = getattr(getattr(engine, "model", None), "generation_config", None)
-        defaults = cls()
-        if config is None:
-            return defaults
-
-        def number(name, default):
-            value = getattr(config, name, None)
-            return value if isinstance(value, (int, float)) and not isinstance(value, bool) else default
-
-        defaults.temperature = float(number("temperature", 1.0))
-        defaults.top_p = float(number("top_p", 1.0))
-        defaults.top_k = int(number("top_k", 0))
-        defaults.repetition_penalty = float(number("repetition_penalty", 1.0))
-        do_sample = getattr(config, "do_sample", True)
-        defaults.do_sample = do_sample if isinstance(do_sample, bool) else True
-        defaults.max_new_tokens = int(number("max_new_tokens", 512) or 512)
-        defaults.max_window_size = int(number("max_window_size", DEFAULT_MAX_WINDOW_SIZE))
-        defaults.chat_format = getattr(config, "chat_format", None) or "chatml"
-        return defaults
-
-
 def sampling_params(req, engine, prompt_len: int, stop: list[str], stop_token_ids: list[int],
                     logprobs: int | None, max_length: int | None = None) -> SamplingParams:
     """The request's SamplingParams; what it leaves out comes from the checkpoint's generation
     config. temperature < 0.01 means greedy (the original's rule). Raises APIError (400)."""
-    defaults = GenerationDefaults.of(engine)
+    defaults = ChatDefaults.of(engine)
     max_context = engine.max_context
     if prompt_len >= max_context:
         raise bad_request(
@@ -732,7 +697,7 @@ def _continuation_ids(tokenizer, system: str, history) -> list[int]:
     return ids
 
 
-def build_chat_plan(tokenizer, req: ChatCompletionRequest, defaults: GenerationDefaults) -> ChatPlan:
+def build_chat_plan(tokenizer, req: ChatCompletionRequest, defaults: ChatDefaults) -> ChatPlan:
     """The prompt for a chat request (Raises APIError 400 for conversations that cannot be one)."""
     functions, legacy, forced = _tool_mode(req)
     messages = _react_messages(req.messages)
@@ -760,10 +725,6 @@ def build_chat_plan(tokenizer, req: ChatCompletionRequest, defaults: GenerationD
         prefill = reply_prefix if prompt.query is None else reply_prefix.lstrip("\n")
         ids = ids + tokenizer.encode(prefill, allowed_special=set())
     return ChatPlan(ids, stop, functions, legacy, reply_prefix, forced if forced != "required" else None)
-
-
-def chat_stop_token_ids(tokenizer) -> list[int]:
-    return [tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id]
 
 
 # ============================================================================= replies
@@ -972,7 +933,7 @@ def create_app(
             chat = ChatCompletionRequest.model_construct(
                 messages=req.messages, tools=req.tools, functions=req.functions, tool_choice=None,
                 function_call=None, stop=None)
-            plan = await asyncio.to_thread(build_chat_plan, tokenizer, chat, GenerationDefaults.of(engine))
+            plan = await asyncio.to_thread(build_chat_plan, tokenizer, chat, ChatDefaults.of(engine))
             ids = plan.prompt_ids
         token_text = TokenText(tokenizer)
         return {"count": len(ids), "max_model_len": engine.max_context, "tokens": ids,
@@ -995,14 +956,14 @@ def create_app(
         req = parse_body(ChatCompletionRequest, await read_body(request, state.max_body_bytes))
         check_chat(req)
         engine = state.require_engine()
-        defaults = GenerationDefaults.of(engine)
+        defaults = ChatDefaults.of(engine)
         if defaults.chat_format != "chatml":
             raise bad_request(f"The loaded model is not a chat model (chat_format {defaults.chat_format!r}); use "
                               "/v1/completions", "model", "model_not_chat")
         tokenizer = engine.tokenizer
         plan = await asyncio.to_thread(build_chat_plan, tokenizer, req, defaults)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        stop_ids = chat_stop_token_ids(tokenizer)
+        stop_ids = stop_token_ids(tokenizer)
         params = sampling_params(req, engine, len(plan.prompt_ids), plan.stop, stop_ids, logprobs, req.max_length)
         n = req.n or 1
         processors = [None] * n

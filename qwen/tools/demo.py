@@ -10,7 +10,7 @@ A checkpoint that is missing or not a Qwen (v1) chat model is one `error:` line 
 import argparse
 import sys
 
-from ..cli import _positive_int
+from ..loading import positive_int
 from ..loading import error_text, load_chat_model
 from . import run_cli_action
 
@@ -20,7 +20,7 @@ QUERIES = ["你好", "Tell me a story about a young entrepreneur."]
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a Qwen (v1) chat checkpoint directory (original format) or hub name")
-    parser.add_argument("--max-new-tokens", type=_positive_int, default=24, metavar="N")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=24, metavar="N")
     args = parser.parse_args(argv)
 
     def action():
