@@ -186,7 +186,7 @@ def add_precision_arguments(parser) -> None:
     )
     parser.add_argument(
         "--quantize", type=_quantization, metavar="{int8,int4,int4:GROUP}",
-        help="weight-only quantization on load (int4 groups: 32, 64, 128, 256; default 128)",
+        help="weight-only quantization on load (int4 groups: 32, 64, 128, 256; default 64)",
     )
 
 

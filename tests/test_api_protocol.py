@@ -6,8 +6,13 @@ import random
 
 import pytest
 
-from qwen.api.app import ReActStream, _react_messages
-from qwen.api.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_body
+from qwen.api.chat import ReActStream, _react_messages
+from qwen.api.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    parse_body,
+)
 from qwen.api.react import parse_react_response
 
 REPLIES = [

@@ -15,11 +15,12 @@ import openai
 import pytest
 import torch
 
-from qwen.api.app import build_chat_plan, create_app
-from qwen.serving.chat import ChatDefaults
+from qwen.api.app import create_app
+from qwen.api.chat import build_chat_plan
 from qwen.api.protocol import ChatCompletionRequest
 from qwen.api.server import BackgroundServer
 from qwen.serving import Engine
+from qwen.serving.chat import ChatDefaults
 
 WEATHER = {
     "name": "get_weather",

@@ -277,17 +277,67 @@ def test_max_tokens_beyond_the_context_is_a_400(client_b, http_b):
     assert_error(http_b.post("/v1/chat/completions", json={"messages": long}), 400, "context_length_exceeded")
 
 
-def test_what_the_upstream_cannot_do_is_a_400(http_b):
-    cases = [
-        ("/v1/chat/completions", {"messages": USER, "logprobs": True, "top_logprobs": 2}),
-        ("/v1/chat/completions", {"messages": USER, "response_format": {"type": "json_object"}}),
-        ("/v1/completions", {"prompt": "Hi", "logprobs": 1}),
-        ("/v1/completions", {"prompt": "Hi", "logprobs": 0, "echo": True, "max_tokens": 1}),
-    ]
-    for path, body in cases:
-        for stream in (False, True):
-            error = assert_error(http_b.post(path, json={**body, "max_tokens": 4, "stream": stream}), 400)
-            assert "upstream" in error["message"], error
+def test_chat_logprobs_come_from_the_upstream(client_a, client_b):
+    """B asks A for logprobs with token ids, so each entry (and its alternatives) is A's own."""
+    kwargs = dict(max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    via_b, direct = chat(client_b, **kwargs), chat(client_a, **kwargs)
+    assert via_b.choices[0].message.content == direct.choices[0].message.content
+    entries = via_b.choices[0].logprobs.content
+    # A's second run reuses the prompt's KV (prefix cache): equal up to that path's rounding.
+    close_logprobs(entries, direct.choices[0].logprobs.content)
+    assert len(entries) == via_b.usage.completion_tokens and all(len(e.top_logprobs) == 3 for e in entries)
+    streamed = list(chat(client_b, stream=True, **kwargs))
+    content = [e for c in streamed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    close_logprobs(content, entries)
+
+
+def close_logprobs(a, b):
+    """Chat logprob entries with the same tokens and alternatives, logprobs within 1e-4."""
+    assert [(e.token, [t.token for t in e.top_logprobs]) for e in a] == \
+        [(e.token, [t.token for t in e.top_logprobs]) for e in b]
+    for x, y in zip(a, b):
+        assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
+        assert [t.logprob for t in x.top_logprobs] == pytest.approx([t.logprob for t in y.top_logprobs], abs=1e-4)
+
+
+def test_prompt_scoring_through_the_upstream(client_a, client_b):
+    """lm-eval's loglikelihood request (echo + logprobs, one token): B's prompt entries and text are
+    A's, and B's reply text is only the echoed prompt plus the generated token."""
+    kwargs = dict(model="x", prompt="The capital of France is Paris", max_tokens=1, temperature=0, echo=True,
+                  logprobs=2)
+    via_b, direct = client_b.completions.create(**kwargs), client_a.completions.create(**kwargs)
+    assert via_b.choices[0].model_dump() == direct.choices[0].model_dump()
+    lp = via_b.choices[0].logprobs
+    assert lp.token_logprobs[0] is None and all(isinstance(v, float) for v in lp.token_logprobs[1:])
+    assert via_b.choices[0].text.startswith(kwargs["prompt"]) and len(lp.tokens) == via_b.usage.prompt_tokens + 1
+    streamed = list(client_b.completions.create(stream=True, **kwargs))
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == direct.choices[0].text
+    tokens = [t for c in streamed if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert tokens == direct.choices[0].logprobs.tokens
+
+
+def test_response_format_is_constrained_by_the_upstream(client_a, client_b):
+    """B forwards response_format to A's /v1/completions, which constrains the reply: it validates."""
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class Weather(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        city: str = Field(max_length=12)
+        sunny: bool
+
+    schema = Weather.model_json_schema()
+    response_format = {"type": "json_schema", "json_schema": {"name": "weather", "schema": schema}}
+    kwargs = dict(max_tokens=60, temperature=0, response_format=response_format)
+    via_b, direct = chat(client_b, **kwargs), chat(client_a, **kwargs)
+    same_reply(via_b, direct)
+    Weather.model_validate_json(via_b.choices[0].message.content)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chat(client_b, stream=True, **kwargs) if c.choices)
+    assert streamed == via_b.choices[0].message.content
+
+
+def test_custom_logits_processors_are_refused_by_the_upstream_engine(engine_b):
+    with pytest.raises(ValueError, match="logits processors"):
+        engine_b.submit([1, 2, 3], SamplingParams(max_new_tokens=2, logits_processors=[_slow_down]))
 
 
 # ----------------------------------------------------------------------------- failures and cancellation
@@ -534,6 +584,30 @@ def test_vllm_as_the_upstream(vllm_model):
                 chat(client, max_tokens=1024)
             raw = {"model": "x", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
             assert client.completions.create(**raw).choices[0].text == local.completions.create(**raw).choices[0].text
+
+            # Logprobs come back from vLLM as token ids (return_tokens_as_token_ids); the chosen tokens'
+            # are ours (alternatives of random weights are near-ties, so only the chosen are compared).
+            wanted = {"max_tokens": 6, "temperature": 0, "logprobs": True, "top_logprobs": 2}
+            theirs, mine = chat(client, **wanted), chat(local, **wanted)
+            pairs = list(zip(theirs.choices[0].logprobs.content, mine.choices[0].logprobs.content))
+            assert len(pairs) == mine.usage.completion_tokens and all(len(a.top_logprobs) == 2 for a, _ in pairs)
+            assert all(a.token == b.token and abs(a.logprob - b.logprob) < 1e-4 for a, b in pairs)
+            score = {**raw, "prompt": "The capital of France is Paris", "max_tokens": 1, "echo": True, "logprobs": 0}
+            theirs, mine = client.completions.create(**score), local.completions.create(**score)
+            assert theirs.choices[0].text.startswith(score["prompt"])
+            assert theirs.choices[0].logprobs.tokens == mine.choices[0].logprobs.tokens
+            assert theirs.choices[0].logprobs.token_logprobs[0] is None
+            assert theirs.choices[0].logprobs.token_logprobs[1:] == pytest.approx(
+                mine.choices[0].logprobs.token_logprobs[1:], abs=1e-4)
+            # response_format: vLLM's structured outputs constrain the reply.
+            schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+                      "additionalProperties": False}
+            reply = chat(client, max_tokens=100, temperature=0,
+                         response_format={"type": "json_schema", "json_schema": {"name": "ok", "schema": schema}})
+            # vLLM's grammar allows any JSON whitespace, which random weights favour until max_tokens:
+            # what they wrote must still be the start of an instance of the schema.
+            content = "".join(reply.choices[0].message.content.split())
+            assert content and any(valid.startswith(content) for valid in ('{"ok":true}', '{"ok":false}')), content
 
             # A client that leaves mid-stream aborts the request in vLLM: its generation stops within a
             # second, where the 900 tokens asked for take it about 15 s on these 2 cores.

@@ -190,3 +190,15 @@ def test_a_multi_line_load_error_is_kept_whole_on_one_line(checkpoints, tmp_path
     message = str(caught.value)
     assert message.startswith(f"cannot load checkpoint {broken}: ")
     assert "not iterable" in message and "\n" not in message
+
+
+def test_quantize_help_states_the_real_default_group_size():
+    import argparse
+
+    from qwen.loading import add_precision_arguments
+    from qwen.quantization import DEFAULT_GROUP_SIZE, parse_quantization
+
+    parser = argparse.ArgumentParser()
+    add_precision_arguments(parser)
+    assert f"default {DEFAULT_GROUP_SIZE})" in " ".join(parser.format_help().split())
+    assert parse_quantization("int4") == ("int4", DEFAULT_GROUP_SIZE)

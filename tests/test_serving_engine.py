@@ -344,3 +344,51 @@ def test_kv_memory_follows_use_not_the_context_limit(checkpoint):
         finally:
             engine.shutdown()
     assert replies[0] == replies[1] and len(replies[0]) == 200
+
+
+def test_a_burst_of_short_prompts_is_prefilled_in_one_forward(checkpoint):
+    """Prompts that arrive together share one padded prefill forward (within prefill_chunk tokens)
+    and still give exactly their solo tokens; one too long to share goes on its own."""
+    engine = Engine.from_pretrained(checkpoint, max_running=4, prefill_chunk=256, prefix_slots=0)  # full prefills
+    try:
+        tok = engine.tokenizer
+        params = SamplingParams(max_new_tokens=6, **GREEDY)
+        ids = [prompt(tok, t) for t in PROMPTS]
+        assert len({len(i) for i in ids}) > 1 and 4 * max(len(i) for i in ids) <= 256  # padding is exercised
+        solo = [engine.submit(i, params).result().token_ids for i in ids]
+        before = engine.counters["prefill_forwards_total"]
+        with engine._lock:  # the worker admits all four in the same step
+            streams = [engine.submit(i, params) for i in ids]
+        assert [s.result().token_ids for s in streams] == solo
+        assert engine.counters["prefill_forwards_total"] == before + 1
+
+        long = prompt(tok, " ".join(["word"] * 150))  # 2 x its length exceeds the budget
+        assert 2 * len(long) > 256 >= len(long)
+        expected = engine.submit(long, params).result().token_ids
+        before = engine.counters["prefill_forwards_total"]
+        with engine._lock:
+            streams = [engine.submit(long, params), engine.submit(ids[0], params)]
+        assert [s.result().token_ids for s in streams] == [expected, solo[0]]
+        assert engine.counters["prefill_forwards_total"] == before + 2
+    finally:
+        engine.shutdown()
+
+
+def test_int8_cache_prefills_only_equal_chunks_together(checkpoint):
+    """The int8 cache quantizes each written chunk as one group: padding would change it, so only
+    prompts of the same length share a forward, and all give model.generate's tokens."""
+    model = qwen.QWenLMHeadModel.from_pretrained(checkpoint, use_cache_quantization=True).eval()
+    engine = Engine(model, qwen.QWenTokenizer.from_pretrained(checkpoint), max_running=4, prefill_chunk=256, prefix_slots=0)
+    try:
+        ids = [prompt(engine.tokenizer, t) for t in (PROMPTS[0], PROMPTS[0], PROMPTS[1])]
+        params = SamplingParams(max_new_tokens=6, **GREEDY)
+        with engine._lock:
+            streams = [engine.submit(i, params) for i in ids]
+        outs = [s.result().token_ids for s in streams]
+        assert engine.counters["prefill_forwards_total"] == 2
+        for i, out in zip(ids, outs):
+            ref = model.generate(torch.tensor([i]), do_sample=False, max_new_tokens=6, eos_token_id=None,
+                                 repetition_penalty=None, top_p=None, top_k=None)
+            assert out == ref[0, len(i):].tolist()
+    finally:
+        engine.shutdown()

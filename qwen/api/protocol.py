@@ -231,6 +231,8 @@ class CompletionRequest(_SamplingFields):
     best_of: int | None = Field(None, ge=1, le=MAX_N)
     suffix: str | None = None
     stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=64)] | None = None  # vLLM's
+    response_format: ResponseFormat | None = None  # constrained decoding on raw prompts, as vLLM
+    return_tokens_as_token_ids: bool | None = False  # vLLM's: logprob tokens as "token_id:<id>"
 
 
 class TokenizeRequest(_Model):

@@ -12,8 +12,9 @@ With --upstream URL the weights are not loaded: the checkpoint gives the tokeniz
 config (chat format, sampling defaults), and the server sends raw-prompt completions (token ids,
 streamed) to the OpenAI-compatible server at URL: `vllm serve` on a `python -m qwen.tools.export_qwen2`
 export, or another openai_api.py. The chat format, ReAct tool calls, stop words, usage, auth and
-limits stay here; logprobs and response_format JSON modes are refused (400). While the upstream is
-not up yet (connection refused, or 503), /health answers 503 and the server waits for it.
+limits stay here; logprobs are asked for as token ids and response_format is forwarded, for the
+upstream to compute and enforce. While the upstream is not up yet (connection refused, or 503),
+/health answers 503 and the server waits for it.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ endpoints:
   POST /tokenize, /detokenize prompt or messages <-> token ids
 
 With --api-auth and/or --api-key, every endpoint but /health needs credentials (either kind).
-With --upstream, generation runs on that server; logprobs and response_format JSON modes are refused.
+With --upstream, generation (logprobs and response_format included) runs on that server.
 Use it with the official client:  OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY")
 """
 
@@ -60,7 +61,12 @@ def _origins(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..loading import add_precision_arguments, add_upstream_arguments, port_number, positive_int
+    from ..loading import (
+        add_precision_arguments,
+        add_upstream_arguments,
+        port_number,
+        positive_int,
+    )
 
     parser = argparse.ArgumentParser(
         prog="openai_api.py",
@@ -210,7 +216,12 @@ def main(argv=None) -> int:
         if importlib.util.find_spec(module) is None:
             print(f"error: the API server needs {module}: pip install 'qwen[api]'", file=sys.stderr)
             return 1
-    from ..loading import CheckpointError, check_chat_checkpoint, error_text, resolve_checkpoint
+    from ..loading import (
+        CheckpointError,
+        check_chat_checkpoint,
+        error_text,
+        resolve_checkpoint,
+    )
 
     try:  # the cheap checks first: a wrong path fails before the server starts
         source = resolve_checkpoint(args.checkpoint_path)

@@ -267,7 +267,7 @@ class Engine:
         self._admit()
         prefilling = [s for s in self._running if s.prefilled < len(s.prompt)]
         if prefilling:
-            self._prefill(prefilling[0])
+            self._prefill(self._prefill_group(prefilling))
         decoding = [s for s in self._running if s.generated]
         if decoding:
             self._decode(decoding)
@@ -314,26 +314,59 @@ class Engine:
             seq.slot = next(iter(self._idle_slots))
             del self._idle_slots[seq.slot]
 
-    def _forward(self, rows: list[_Sequence], ids: list[list[int]], starts: list[int], every_position=False):
-        """fp32 logits [rows, vocab] of each row's last position ([rows, positions, vocab] if asked)."""
+    def _forward(self, rows: list[_Sequence], ids: list[list[int]], starts: list[int], last=None, every_position=False):
+        """fp32 logits [rows, vocab] at each row's position `last[row]` (default: the last one), or
+        [rows, positions, vocab] for every position. The model's own head runs on just those rows."""
         self.cache.select([s.slot for s in rows], starts, [s.alpha for s in rows])
         input_ids = torch.tensor(ids, device=self.model.device)
-        out = self.model(input_ids=input_ids, cache=self.cache, use_cache=True, logits_to_keep=0 if every_position else 1)
-        return out.logits.float() if every_position else out.logits[:, -1].float()
+        hidden = self.model.transformer(input_ids=input_ids, cache=self.cache, use_cache=True).last_hidden_state
+        if not every_position:
+            hidden = hidden[:, -1:] if last is None else hidden[torch.arange(len(rows)), torch.tensor(last)][:, None]
+        logits = self.model.lm_head(hidden).float()
+        return logits if every_position else logits[:, 0]
 
-    def _prefill(self, seq: _Sequence) -> None:
-        start = seq.prefilled
-        chunk = seq.prompt[start : start + self.prefill_chunk]
-        scoring = seq.prompt_logprobs is not None
-        logits = self._forward([seq], [chunk], [start], every_position=scoring)
-        seq.prefilled += len(chunk)
+    def _prefill_group(self, prefilling: list[_Sequence]) -> list[_Sequence]:
+        """The prompts prefilled together in this step: the oldest one's next chunk, joined by others'
+        while the padded batch (rows x longest chunk) stays within `prefill_chunk` tokens, so a burst
+        of short prompts costs one forward instead of one step each. A prompt being scored needs every
+        position's logits and goes alone; the int8 cache quantizes a written chunk as one group, so
+        there only equal-length chunks go together (padding would change the real tokens' groups)."""
+        def width(seq):
+            return min(len(seq.prompt) - seq.prefilled, self.prefill_chunk)
+
+        group = [prefilling[0]]
+        if group[0].prompt_logprobs is not None:
+            return group
+        for seq in prefilling[1:]:
+            if seq.prompt_logprobs is not None or (self.cache.int8 and width(seq) != width(group[0])):
+                continue
+            widest = max(width(s) for s in group + [seq])
+            furthest = max(s.prefilled for s in group + [seq])
+            if (len(group) + 1) * widest <= self.prefill_chunk and furthest + widest <= self.max_context:
+                group.append(seq)
+        return group
+
+    def _prefill(self, group: list[_Sequence]) -> None:
+        starts = [s.prefilled for s in group]
+        chunks = [s.prompt[s.prefilled : s.prefilled + self.prefill_chunk] for s in group]
+        widest = max(len(c) for c in chunks)
+        # Right padding: a row's padded tail comes after its real tokens, so the causal mask keeps it
+        # out of their attention, and its KV is overwritten by the row's next chunk or token.
+        ids = [c + [c[-1]] * (widest - len(c)) for c in chunks]
+        scoring = group[0].prompt_logprobs is not None  # then it is alone in the group
+        logits = self._forward(group, ids, starts, last=[len(c) - 1 for c in chunks], every_position=scoring)
+        self.counters["prefill_forwards_total"] += 1
         if scoring:  # position p predicts prompt token p + 1
-            targets = seq.prompt[start + 1 : seq.prefilled + 1]
+            seq, start = group[0], starts[0]
+            targets = seq.prompt[start + 1 : start + len(chunks[0]) + 1]
             top = seq.params.prompt_logprobs
             seq.prompt_logprobs += [logprob_of(row, token, top) for row, token in zip(logits[0], targets)]
             logits = logits[:, -1]
-        if seq.prefilled == len(seq.prompt):
-            self._sample([seq], logits)
+        for seq, chunk in zip(group, chunks):
+            seq.prefilled += len(chunk)
+        done = [i for i, seq in enumerate(group) if seq.prefilled == len(seq.prompt)]
+        if done:
+            self._sample([group[i] for i in done], logits[done])
 
     def _decode(self, rows: list[_Sequence]) -> None:
         logits = self._forward(rows, [[s.generated[-1]] for s in rows], [s.kv_length for s in rows])

@@ -52,6 +52,9 @@ class SamplingParams:
     # Callables (generated_ids: list[int], logits: fp32 tensor [vocab]) -> None that edit the
     # logits in place before sampling (constrained decoding, tests that force tokens).
     logits_processors: list = field(default_factory=list)
+    # The request's response_format (json_object / json_schema) that the logits processors enforce:
+    # an upstream engine, which cannot run them, forwards it instead.
+    response_format: dict | None = None
 
     @property
     def greedy(self) -> bool:

@@ -14,8 +14,11 @@ writes special tokens as text anyway); the text comes back as deltas.
 Requests run as tasks of one event loop on a thread of the engine's own; at most `max_running`
 are sent at once, up to `max_waiting` more wait. A cancelled stream (a client that left) closes its
 upstream connection at once, which makes vLLM and our server abort the request. What the upstream
-cannot do here (logprobs, constrained decoding) is refused at `submit` with a RequestError; an
-upstream that fails ends the stream with an UpstreamError whose `http_status` the API answers.
+asks for logprobs with vLLM's `return_tokens_as_token_ids` (so each entry maps back to a token id
+exactly), prompt logprobs with `echo` (the echoed prompt is not part of the reply), and constrained
+decoding by forwarding the request's `response_format`; custom logits processors cannot run there and
+are refused at `submit` with a RequestError. An upstream that fails ends the stream with an
+UpstreamError whose `http_status` the API answers.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from collections import Counter
 from types import SimpleNamespace
 
 from .engine import RequestStream
-from .params import EngineBusy, Output, RequestError, SamplingParams
+from .params import EngineBusy, Output, RequestError, SamplingParams, TokenLogprob
 
 
 class UpstreamError(RuntimeError):
@@ -177,13 +180,9 @@ class UpstreamEngine:
                 f"context of {self.max_context} tokens",
                 "max_tokens" if len(prompt) < self.max_context else "messages",
             )
-        if params.logprobs is not None or getattr(params, "prompt_logprobs", None) is not None:
-            raise RequestError("logprobs are not available on this server (it generates through an upstream "
-                               "engine)", "logprobs")
-        if params.logits_processors:
-            raise RequestError("constrained decoding (response_format json_object / json_schema) is not "
-                               "available on this server (it generates through an upstream engine)",
-                               "response_format")
+        if params.logits_processors and params.response_format is None:
+            raise RequestError("logits processors cannot run on this server (it generates through an upstream "
+                               "engine)", "logits_processors")
         stream = RequestStream(self, len(prompt))
         body = self._body(prompt, params)
         with self._lock:
@@ -194,8 +193,8 @@ class UpstreamEngine:
                                  "try again later")
             self.counters["requests_total"] += 1
             self.counters["prompt_tokens_total"] += len(prompt)
-            future = asyncio.run_coroutine_threadsafe(self._run(stream, body, len(prompt), time.perf_counter()),
-                                                      self._loop)
+            future = asyncio.run_coroutine_threadsafe(self._run(stream, body, params, len(prompt),
+                                                                time.perf_counter()), self._loop)
             self._inflight[stream.id] = (stream, future)
         future.add_done_callback(lambda f: self._done(stream, f))
         return stream
@@ -222,16 +221,25 @@ class UpstreamEngine:
             body["seed"] = params.seed
         if params.stop:
             body["stop"] = list(params.stop)
+        if params.response_format is not None:  # the upstream constrains the reply itself
+            body["response_format"] = params.response_format
+        wanted = [k for k in (params.logprobs, params.prompt_logprobs) if k is not None]
+        if wanted:
+            body["logprobs"] = max(wanted)
+            body["return_tokens_as_token_ids"] = True
+        if params.prompt_logprobs is not None:  # OpenAI's way to score a prompt: echo it with logprobs
+            body["echo"] = True
         return body
 
-    async def _run(self, stream: RequestStream, body: dict, prompt_tokens: int, submitted: float) -> None:
+    async def _run(self, stream: RequestStream, body: dict, params: SamplingParams, prompt_tokens: int,
+                   submitted: float) -> None:
         import httpx
 
         async with self._slots:
             with self._lock:
                 self._sending += 1
             try:
-                await self._send(stream, body, prompt_tokens, submitted)
+                await self._send(stream, body, _Reader(params, prompt_tokens), submitted)
             except UpstreamError as exc:
                 self._fail(stream, exc)
             except httpx.TimeoutException as exc:
@@ -247,8 +255,9 @@ class UpstreamEngine:
                 with self._lock:
                     self._sending -= 1
 
-    async def _send(self, stream: RequestStream, body: dict, prompt_tokens: int, last: float) -> None:
+    async def _send(self, stream: RequestStream, body: dict, reader: _Reader, last: float) -> None:
         finish, completion, cached, text = None, None, 0, []
+        prompt_tokens = reader.prompt_tokens
         async with self._client.stream("POST", f"{self.url}/completions", json=body) as response:
             if response.status_code != 200:
                 await response.aread()
@@ -270,15 +279,17 @@ class UpstreamEngine:
                     cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
                 for choice in chunk.get("choices") or []:
                     finish = choice.get("finish_reason") or finish
-                    piece = choice.get("text")
-                    if piece:
+                    output = reader.read(choice.get("text") or "", choice.get("logprobs"))
+                    if output is None:
+                        continue
+                    if output.text:
                         now = time.perf_counter()
                         name = "time_to_first_token" if not text else "inter_token_latency"
                         for observer in self.observers:
                             observer(name, now - last)
                         last = now
-                        text.append(piece)
-                        stream._push(Output([], piece, prompt_tokens=prompt_tokens))
+                        text.append(output.text)
+                    stream._push(output)
         if finish is None:
             raise UpstreamError("the upstream ended the reply without a finish reason", 502, "upstream_bad_reply")
         if completion is None:  # an upstream without stream usage: count the text's tokens
@@ -288,7 +299,7 @@ class UpstreamEngine:
             self.counters["generation_tokens_total"] += completion
             self.counters[f"finished_{reason}_total"] += 1
         stream._push(Output([], "", finish_reason=reason, prompt_tokens=prompt_tokens, completion_tokens=completion,
-                            cached_tokens=cached))
+                            cached_tokens=cached, prompt_logprobs=reader.pending_prompt_logprobs()))
 
     def _fail(self, stream: RequestStream, exc: UpstreamError) -> None:
         with self._lock:
@@ -332,3 +343,64 @@ class UpstreamEngine:
             pass
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
+
+
+def _token_id(token: str) -> int:
+    if not (isinstance(token, str) and token.startswith("token_id:")):
+        raise ValueError(f"logprob token {token!r} is not 'token_id:<id>' (the upstream ignored "
+                         "return_tokens_as_token_ids)")
+    return int(token[len("token_id:"):])
+
+
+class _Reader:
+    """Turns one request's streamed completion choices into Outputs: logprob entries back to token ids
+    and TokenLogprobs, and, when the prompt was echoed for its logprobs, the prompt's entries apart
+    from the reply's (the echoed text is not part of the reply: it ends where the first generated
+    token's `text_offset` says)."""
+
+    def __init__(self, params: SamplingParams, prompt_tokens: int):
+        self.params, self.prompt_tokens = params, prompt_tokens
+        self.echo = params.prompt_logprobs is not None
+        self.prompt_entries: list | None = [] if self.echo else None
+        self.held = ""  # echoed text not yet known to be prompt or reply
+        self.reply_start: int | None = None if self.echo else 0  # offset of the reply in the echoed text
+        self.prompt_sent = not self.echo
+
+    def _entry(self, token: str, logprob, top, k: int | None) -> TokenLogprob | None:
+        if logprob is None:
+            return None
+        alternatives = sorted(((_token_id(t), float(p)) for t, p in (top or {}).items()), key=lambda tp: -tp[1])
+        return TokenLogprob(_token_id(token), float(logprob), alternatives[: k or 0])
+
+    def read(self, piece: str, logprobs: dict | None) -> Output | None:
+        tokens, reply_logprobs = [], []
+        if logprobs:
+            tops = logprobs.get("top_logprobs") or [None] * len(logprobs["tokens"])
+            offsets = logprobs.get("text_offset") or [None] * len(logprobs["tokens"])
+            for token, value, top, offset in zip(logprobs["tokens"], logprobs["token_logprobs"], tops, offsets):
+                if self.prompt_entries is not None and len(self.prompt_entries) < self.prompt_tokens:
+                    self.prompt_entries.append(self._entry(token, value, top, self.params.prompt_logprobs))
+                    continue
+                if self.reply_start is None:
+                    if offset is None:
+                        raise ValueError("the echoed prompt's logprobs have no text_offset")
+                    self.reply_start = offset
+                tokens.append(_token_id(token))
+                if self.params.logprobs is not None:
+                    reply_logprobs.append(self._entry(token, value, top, self.params.logprobs))
+        if self.reply_start is None or self.held:  # still (or just past) the echoed prompt
+            self.held += piece
+            if self.reply_start is None:
+                return None
+            piece, self.held = self.held[self.reply_start :], ""
+        if not (piece or tokens or not self.prompt_sent):
+            return None
+        return Output(tokens, piece, logprobs=reply_logprobs or None, prompt_tokens=self.prompt_tokens,
+                      prompt_logprobs=self.pending_prompt_logprobs())
+
+    def pending_prompt_logprobs(self) -> list | None:
+        """The prompt's entries, once (with the first output after they are all in)."""
+        if self.prompt_sent or self.prompt_entries is None or len(self.prompt_entries) < self.prompt_tokens:
+            return None
+        self.prompt_sent = True
+        return self.prompt_entries
