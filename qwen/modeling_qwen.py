@@ -759,6 +759,14 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
             set_precision_flags(config, dtype)
         want_info = kwargs.pop("output_loading_info", False)
         allow_mismatch = kwargs.pop("ignore_mismatched_sizes", False)
+        from .gptq import gptq_settings  # a remote-code file too
+
+        local = Path(pretrained_model_name_or_path) if Path(pretrained_model_name_or_path).is_dir() else None
+        gptq = gptq_settings(config, local)
+        if gptq is not None:  # a published Int4/Int8 checkpoint: our own unpacking, no GPTQ library
+            model = cls._from_gptq(pretrained_model_name_or_path, local, config, dtype, gptq, quantization, kwargs)
+            info = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+            return (model, info) if want_info else model
         try:
             # Mismatches are collected and reported below, naming the tensors (transformers' own
             # error only points at a log table).
@@ -790,6 +798,30 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         align_cpu_tensors(model)
         use_cpu_kernels(model)
         return (model, info) if want_info else model
+
+    @classmethod
+    def _from_gptq(cls, name, local, config, dtype, settings, quantization, kwargs):
+        from transformers import GenerationConfig
+
+        from .gptq import load_gptq_model
+
+        if quantization is not None:
+            raise ValueError(f"{name} is already GPTQ-quantized ({settings['bits']} bits): quantization= does not apply")
+        if local is None:  # a hub name: fetch the files first
+            from huggingface_hub import snapshot_download
+
+            hub = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
+            local = Path(snapshot_download(str(name), allow_patterns=["*.json", "*.safetensors"], **hub))
+        device_map = kwargs.get("device_map")
+        device = None
+        if device_map not in (None, "cpu") and torch.cuda.is_available():
+            device = device_map if isinstance(device_map, (str, torch.device)) and device_map != "auto" else "cuda"
+        model = load_gptq_model(cls, local, config, dtype, settings, device)
+        if (local / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(local)
+        align_cpu_tensors(model)
+        use_cpu_kernels(model)
+        return model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Write the original format plus our remote-code files, so the directory loads anywhere.
@@ -947,6 +979,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
 # and the config.json entries that point at them.
 REMOTE_CODE_FILES = (
     "configuration_qwen.py", "modeling_qwen.py", "qwen_generation_utils.py", "tokenization_qwen.py", "quantization.py",
+    "gptq.py",
 )
 CONFIG_AUTO_MAP = {
     "AutoConfig": "configuration_qwen.QWenConfig",
