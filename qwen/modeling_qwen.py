@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import tempfile
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -246,7 +245,9 @@ class Int8KVLayer(PreallocatedLayer):
         self.keys = self.values = None
         self.key_params = self.value_params = None
 
-    def update(self, key_states, value_states, *args, **kwargs):
+    def update(self, key_states, value_states, cache_kwargs=None, *args, **kwargs):
+        """Store the chunk; return the dequantized keys and values, or with cache_kwargs
+        {"int8_raw": True} the stored ((keys, scale, zero), (values, scale, zero)) for the CUDA kernels."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         for name, states in (("key", key_states), ("value", value_states)):
@@ -257,6 +258,8 @@ class Int8KVLayer(PreallocatedLayer):
             setattr(self, name + "_params", (
                 self._append(name + "_scale", params[0], scale), self._append(name + "_zero", params[1], zero),
             ))
+        if cache_kwargs and cache_kwargs.get("int8_raw"):
+            return (self.keys, *self.key_params), (self.values, *self.value_params)
         return dequantize_kv(self.keys, *self.key_params), dequantize_kv(self.values, *self.value_params)
 
     def _map(self, fn):
@@ -345,24 +348,40 @@ class QWenAttention(nn.Module):
         cos, sin = rotary
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
-        if cache is not None:
+        int8 = None  # (extension, keys, values) for the int8-cache CUDA kernels
+        if cache is not None and self.config.use_cache_kernel and q.is_cuda and isinstance(cache, QWenCache) \
+                and self.config.use_cache_quantization:
+            from .cache_kernels import load as load_cache_kernels
+
+            ext = load_cache_kernels(self.config)
+            if ext is not None:
+                int8 = (ext, *cache.update(k, v, self.layer_idx, {"int8_raw": True}))
+        if int8 is None and cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        elif self.config.use_cache_quantization:
+        elif int8 is None and self.config.use_cache_quantization:
             # The original quantizes the chunk before attention even without a cache.
             k, v = dequantize_kv(*quantize_kv(k)), dequantize_kv(*quantize_kv(v))
 
         if logn is not None:
             q = q * logn.type_as(q)  # after RoPE; the cache holds unscaled keys only
 
-        if uses_manual_attention(self.config, output_attentions):
+        if int8 is not None:
+            out, weights = self._eager(q, None, None, bias, causal, int8)
+        elif uses_manual_attention(self.config, output_attentions):
             out, weights = self._eager(q, k, v, bias, causal)
         else:
             out, weights = self._fast(q, k, v, bias, causal), None
         out = out.transpose(1, 2).reshape(batch, length, self.config.hidden_size)
         return self.c_proj(out), weights
 
-    def _eager(self, q, k, v, bias, causal):
-        scores = torch.matmul(q, k.transpose(-1, -2)) / (v.size(-1) ** 0.5)
+    def _eager(self, q, k, v, bias, causal, int8=None):
+        if int8 is None:
+            scores = torch.matmul(q, k.transpose(-1, -2)) / (v.size(-1) ** 0.5)
+        else:  # the CUDA kernels read the uint8 cache directly (qwen/cache_kernels.py)
+            from .cache_kernels import pv, qk
+
+            ext, keys, values = int8
+            scores = qk(ext, q, *keys) / (self.head_dim ** 0.5)
         if bias is not None:
             scores = scores + bias
         elif causal:
@@ -370,6 +389,8 @@ class QWenAttention(nn.Module):
             scores = torch.where(tril, scores, torch.finfo(scores.dtype).min)
         probs = F.softmax(scores.float() if self.config.softmax_in_fp32 else scores, dim=-1).type(q.dtype)
         probs = self.attn_dropout(probs)
+        if int8 is not None:
+            return pv(ext, probs, *values), probs
         return torch.matmul(probs, v), probs
 
     def _fast(self, q, k, v, bias, causal):
@@ -717,8 +738,6 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.transformer = QWenModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.use_cache_kernel:
-            warnings.warn("use_cache_kernel: the int8 cache kernels are not built in this version; using the torch path")
         self.post_init()
         # The original casts to the flagged precision at construction.
         if config.bf16:
@@ -979,7 +998,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
 # and the config.json entries that point at them.
 REMOTE_CODE_FILES = (
     "configuration_qwen.py", "modeling_qwen.py", "qwen_generation_utils.py", "tokenization_qwen.py", "quantization.py",
-    "gptq.py",
+    "gptq.py", "cache_kernels.py", "cache_kernels.cpp", "cache_kernels.cu",
 )
 CONFIG_AUTO_MAP = {
     "AutoConfig": "configuration_qwen.QWenConfig",
