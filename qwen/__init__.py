@@ -5,17 +5,26 @@ Importing this package registers the classes with transformers' Auto* factories,
 `trust_remote_code`.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+import os
 
-from .configuration_qwen import QWenConfig
-from .modeling_qwen import QWenCache, QWenLMHeadModel, QWenModel, QWenPreTrainedModel
-from .qwen_generation_utils import (
+import torch
+
+# With DeepSpeed installed (fine-tuning), accelerate imports it on every save_pretrained, and
+# without CUDA it prints "Setting accelerator to CPU" on stdout each time: say so up front.
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from .configuration_qwen import QWenConfig  # noqa: E402
+from .modeling_qwen import QWenCache, QWenLMHeadModel, QWenModel, QWenPreTrainedModel  # noqa: E402
+from .qwen_generation_utils import (  # noqa: E402
     StopWordsLogitsProcessor,
     decode_tokens,
     get_stop_words_ids,
     make_context,
 )
-from .tokenization_qwen import QWenTokenizer
+from .tokenization_qwen import QWenTokenizer  # noqa: E402
 
 __version__ = "0.1.0"
 

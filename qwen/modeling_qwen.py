@@ -411,7 +411,9 @@ class QWenBlock(GradientCheckpointingLayer):
         self.ln_2 = QWenRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.mlp = QWenMLP(config)
 
-    def forward(self, hidden_states, rotary, logn, bias, causal, cache=None, output_attentions=False):
+    def forward(self, hidden_states, rotary, logn, bias, causal, cache=None, output_attentions=False, **replay):
+        # `replay`: what calibration tools add when they call a block on its own (gptqmodel passes
+        # attention_mask and position_ids); the mask is already in `bias` and positions in `rotary`.
         attn_out, weights = self.attn(self.ln_1(hidden_states), rotary, logn, bias, causal, cache, output_attentions)
         hidden_states = hidden_states + attn_out
         hidden_states = hidden_states + self.mlp(self.ln_2(hidden_states))
@@ -426,6 +428,9 @@ class QWenPreTrainedModel(PreTrainedModel):
     config: QWenConfig
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
+    # forward averages its loss per micro-batch (the original's loss) and takes no num_items_in_batch:
+    # the Trainer must not rescale it by processes or stop dividing it by gradient accumulation.
+    accepts_loss_kwargs = False
     _no_split_modules = ["QWenBlock"]
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -616,8 +621,9 @@ class QWenModel(QWenPreTrainedModel):
             if output_hidden_states:
                 all_hidden.append(hidden_states)
             bias = biases[window]
-            hidden_states, weights = block(
-                hidden_states, rotary, logn, bias, causal and bias is None, cache, bool(output_attentions)
+            hidden_states, weights = block(  # by keyword: tools that replay a block (gptqmodel) keep them
+                hidden_states, rotary=rotary, logn=logn, bias=bias, causal=causal and bias is None, cache=cache,
+                output_attentions=bool(output_attentions),
             )
             if output_attentions:
                 all_attn.append(weights)

@@ -40,3 +40,24 @@ def stop_server(proc) -> str:
         proc.kill()
         raise
     return err
+
+
+def quantizable_checkpoint(path, dtype="float16"):
+    """A tiny random chat checkpoint (real vocabulary) whose every block linear has an input size that
+    is a multiple of 128 (GPTQ's group size): hidden 128, MLP 256 per branch, 2 layers."""
+    import torch
+
+    from qwen import QWenConfig, QWenLMHeadModel, QWenTokenizer
+    from qwen.tools.tiny_checkpoint import generation_config
+    from qwen.vocab import find_qwen_tiktoken
+
+    torch.manual_seed(0)
+    config = QWenConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, kv_channels=64,
+                        intermediate_size=512, seq_length=2048, max_position_embeddings=8192,
+                        **{"fp16" if dtype == "float16" else "bf16" if dtype == "bfloat16" else "fp32": True})
+    config.tokenizer_class = "QWenTokenizer"
+    model = QWenLMHeadModel(config).to(getattr(torch, dtype))
+    model.generation_config = generation_config(chat=True)
+    model.save_pretrained(path)
+    QWenTokenizer(find_qwen_tiktoken(None)).save_pretrained(path)
+    return path

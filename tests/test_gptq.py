@@ -9,14 +9,13 @@ import sys
 
 import pytest
 import torch
+from helpers import quantizable_checkpoint
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import qwen
-from qwen import QWenConfig, QWenLMHeadModel, QWenTokenizer
+from qwen import QWenLMHeadModel, QWenTokenizer
 from qwen.quantization import Int4Linear
-from qwen.tools.tiny_checkpoint import generation_config
-from qwen.vocab import find_qwen_tiktoken
 
 GROUP = 128
 LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj")
@@ -25,16 +24,7 @@ LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj")
 @pytest.fixture(scope="module")
 def float_checkpoint(tmp_path_factory):
     """A tiny chat model whose every linear input size is a multiple of 128 (fp16, as published)."""
-    torch.manual_seed(0)
-    config = QWenConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, kv_channels=64,
-                        intermediate_size=512, seq_length=2048, max_position_embeddings=8192, fp16=True)
-    config.tokenizer_class = "QWenTokenizer"
-    model = QWenLMHeadModel(config).half()
-    model.generation_config = generation_config(chat=True)
-    path = tmp_path_factory.mktemp("gptq") / "float"
-    model.save_pretrained(path)
-    QWenTokenizer(find_qwen_tiktoken(None)).save_pretrained(path)
-    return path
+    return quantizable_checkpoint(tmp_path_factory.mktemp("gptq") / "float")
 
 
 def quantize_group(w: torch.Tensor, bits: int, symmetric: bool):

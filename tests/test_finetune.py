@@ -1,0 +1,161 @@
+"""finetune.py end to end in one process on a tiny checkpoint (real tokenizer, Trainer, PEFT), merge_lora,
+AutoPeftModelForCausalLM and clear errors for bad input. The launcher scripts (DeepSpeed with 2
+processes, single process) and resuming an interrupted run are in tests/e2e/test_finetune_launchers.py
+(make test-finetune)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwen.finetune.train import main as finetune_main
+from qwen.tools.tiny_checkpoint import build
+
+ROOT = Path(__file__).resolve().parent.parent
+ANSWER = "I am Tiny Qwen, a small model fine-tuned on this machine."
+QUESTIONS = ["Who are you?", "What is your name?", "Introduce yourself.", "你是谁？"]
+PROBE = torch.tensor([[151644, 872, 198, 15191, 525, 498, 30, 151645, 198, 151644, 77091, 198]])
+COMMON = ["--per_device_train_batch_size", "4", "--model_max_length", "64", "--report_to", "none",
+          "--disable_tqdm", "True", "--logging_steps", "1", "--seed", "0"]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("base") / "ckpt", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def chat_dir(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("chat") / "ckpt", chat=True)
+
+
+@pytest.fixture(scope="module")
+def data_path(tmp_path_factory):
+    records = [{"id": f"who{i}", "conversations": [{"from": "user", "value": q}, {"from": "assistant", "value": ANSWER}]}
+               for i, q in enumerate(QUESTIONS)]
+    path = tmp_path_factory.mktemp("data") / "identity.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def finetune(*args, cwd, check=True):
+    proc = subprocess.run([sys.executable, str(ROOT / "finetune.py"), *COMMON, *map(str, args)],
+                          cwd=cwd, capture_output=True, text=True, timeout=300, check=False)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def losses(out: Path) -> list[float]:
+    state = json.loads((out / "trainer_state.json").read_text())
+    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(PROBE).logits.float()
+
+
+def test_lora_on_a_base_model_trains_saves_loads_and_merges(base_dir, data_path, tmp_path):
+    out = tmp_path / "lora"
+    finetune("--model_name_or_path", base_dir, "--data_path", data_path, "--output_dir", out, "--use_lora", "True",
+             "--lora_r", "8", "--learning_rate", "2e-2", "--max_steps", "6", "--save_strategy", "no",
+             "--gradient_checkpointing", "True", "--report_to", "tensorboard",
+             cwd=tmp_path)
+    history = losses(out)
+    # lr 2e-2 on 6 steps can spike once: the run must have learned, not end at its lowest.
+    assert len(history) == 6 and min(history[3:]) < 0.75 * history[0], history
+    assert list((out / "runs").rglob("events.out.tfevents.*")), "no tensorboard events written"
+    # A complete adapter directory: adapter, its config (base model by absolute path), tokenizer files.
+    for name in ("adapter_model.safetensors", "adapter_config.json", "qwen.tiktoken", "tokenizer_config.json"):
+        assert (out / name).is_file(), name
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(Path(base_dir).resolve())
+    assert sorted(adapter_config["modules_to_save"]) == ["lm_head", "wte"]  # a base model: the original's rule
+    assert set(adapter_config["target_modules"]) == {"c_attn", "c_proj", "w1", "w2"}
+
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    import qwen  # noqa: F401
+
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    merged_dir = tmp_path / "merged"
+    proc = subprocess.run([sys.executable, "-m", "qwen.tools.merge_lora", out, merged_dir, "--dtype", "float32"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("model.safetensors", "config.json", "generation_config.json", "qwen.tiktoken",
+                 "tokenizer_config.json", "modeling_qwen.py", "tokenization_qwen.py"):
+        assert (merged_dir / name).is_file(), name
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, trust_remote_code=True).eval()
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    torch.testing.assert_close(logits(merged), logits(peft_model), atol=1e-4, rtol=1e-4)
+    assert (logits(merged) - logits(base)).abs().max() > 0.1  # the adapter changed something
+    # OUT is never overwritten without --force.
+    again = subprocess.run([sys.executable, "-m", "qwen.tools.merge_lora", out, merged_dir],
+                           capture_output=True, text=True, timeout=300, check=False)
+    assert again.returncode == 2 and "not empty" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_full_fine_tuning_saves_a_complete_checkpoint_and_evaluates(chat_dir, data_path, tmp_path):
+    out = tmp_path / "full"
+    finetune("--model_name_or_path", chat_dir, "--data_path", data_path, "--eval_data_path", data_path,
+             "--eval_strategy", "steps", "--eval_steps", "3", "--output_dir", out, "--learning_rate", "1e-2",
+             "--max_steps", "6", "--save_strategy", "no", "--bf16", "True", cwd=tmp_path)
+    history = losses(out)
+    assert min(history[len(history) // 2:]) < 0.8 * history[0], history  # learned (one late spike allowed)
+    state = json.loads((out / "trainer_state.json").read_text())
+    evals = [entry["eval_loss"] for entry in state["log_history"] if "eval_loss" in entry]
+    assert len(evals) == 2 and evals[1] < evals[0]
+    for name in ("model.safetensors", "config.json", "generation_config.json", "qwen.tiktoken", "modeling_qwen.py"):
+        assert (out / name).is_file(), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and not config["fp32"]  # saved like its base, not as fp32 master weights
+    from transformers import AutoModelForCausalLM
+
+    tuned = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(chat_dir, trust_remote_code=True, dtype=torch.float32).eval()
+    assert (logits(tuned) - logits(base)).abs().max() > 0.01
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--data_path", "missing.json"], "data file missing.json does not exist"),
+    (["--data_path", "bad.json"], "record 1 (id 'b'): message 1 is from 'user' where 'assistant' was expected"),
+    (["--data_path", "good.json", "--resume_from_checkpoint", "True"], "no checkpoint-N directory"),
+    (["--data_path", "good.json", "--use_lora", "True", "--q_lora", "True"], "needs a GPTQ Int4 checkpoint"),
+    (["--data_path", "good.json", "--q_lora", "True"], "pass --use_lora True too"),
+    ([], "--data_path is required"),
+    (["--data_path", "good.json", "--model_name_or_path", "no/such/dir"], "no/such/dir"),
+])
+def test_bad_input_is_one_clear_error(chat_dir, tmp_path, monkeypatch, capsys, extra, message):
+    monkeypatch.chdir(tmp_path)
+    good = {"id": "a", "conversations": [{"from": "user", "value": "hi"}, {"from": "assistant", "value": "yo"}]}
+    bad = {"id": "b", "conversations": [{"from": "user", "value": "hi"}, {"from": "user", "value": "again"}]}
+    (tmp_path / "good.json").write_text(json.dumps([good]))
+    (tmp_path / "bad.json").write_text(json.dumps([good, bad]))
+    monkeypatch.setitem(os.environ, "DS_ACCELERATOR", os.environ.get("DS_ACCELERATOR", "cpu"))
+    code = finetune_main(["--model_name_or_path", str(chat_dir), "--output_dir", str(tmp_path / "out"), *extra,
+                          *COMMON])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert "Traceback" not in err
+
+
+def test_merge_lora_refuses_what_is_not_an_adapter(chat_dir, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "qwen.tools.merge_lora", chat_dir, tmp_path / "out"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2 and "no adapter_config.json" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_help_lists_the_original_arguments(capsys):
+    with pytest.raises(SystemExit) as info:
+        finetune_main(["--help"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0
+    for name in ("--model_name_or_path", "--data_path", "--lazy_preprocess", "--use_lora", "--q_lora", "--lora_r",
+                 "--lora_target_modules", "--model_max_length", "--deepspeed", "--skip_invalid", "--warmup_ratio"):
+        assert name in out, name
