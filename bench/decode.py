@@ -10,6 +10,12 @@ models and the ratio ours/qwen2. With --dtype int8 / int4[:group] ours holds wei
 weights (bf16 activations) while qwen2 keeps bf16: the ratio is then the gain over transformers' bf16.
 --batch B decodes B prompts at once (tokens/s counts all rows). The default shape needs about 2 GB in bf16 (4 GB in fp32) for the two
 models; --shape 1_8b (Qwen-1.8B) needs about 8 GB in bf16 (16 GB in fp32).
+--no-baseline times ours alone (no qwen2 copy): --shape 1_8b --dtype int8 then needs about 4 GB (the
+bf16 model, quantized layer by layer). QWEN_KERNELS=off in the environment gives torch's kernels
+(for int8/int4: torch's weight-only kernels) for a before/after comparison; --vs-torch-kernels
+(int8/int4, implies --no-baseline) times both in one process, interleaved ("torchq": the same
+model with qwen.kernels' int8/int4 GEMV switched off; int4 adds torch's packed copy, +0.56 byte per
+weight), which a busy machine skews less than two separate runs.
 """
 
 import argparse
@@ -130,6 +136,37 @@ def weight_bytes(model) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- measurements
 
 
+class _TorchKernels:
+    """The same quantized model, run with qwen.kernels' int8/int4 GEMV switched off in qwen.quantization
+    (torch's weight-only kernels; int4 gets torch's packed copy built here): a before/after in one
+    process, interleaved, so that the load of a shared machine hits both alike."""
+
+    def __init__(self, model):
+        import qwen.quantization as Q
+
+        self.model, self.Q, self._own = model, Q, Q._own_kernels
+        for module in model.modules():
+            if isinstance(module, Q.Int4Linear):
+                module._own_kernel_runs = lambda: False
+                module.refresh_backend()
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def _switched(self, function, *args, **kwargs):
+        self.Q._own_kernels = lambda weight: None
+        try:
+            return function(*args, **kwargs)
+        finally:
+            self.Q._own_kernels = self._own
+
+    def __call__(self, *args, **kwargs):
+        return self._switched(self.model, *args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self._switched(self.model.generate, *args, **kwargs)
+
+
 class _Clock(BaseStreamer):
     """Timestamps from generate(): the first put() carries the prompt, each later one a new token."""
 
@@ -167,6 +204,16 @@ def decode(model, ids, new_tokens: int) -> tuple[float, torch.Tensor]:
     return ids.shape[0] * (len(clock.times) - 2) / (last - first), out[:, ids.shape[1]:]
 
 
+def agreement(a, b) -> int:
+    """How many leading tokens of two sequences are equal."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -191,7 +238,15 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--bandwidth-gib", type=float, default=1.0, help="size of the bandwidth probe tensor")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-baseline", action="store_true", help="time ours only (no qwen2 copy: half the memory)")
+    parser.add_argument("--vs-torch-kernels", action="store_true",
+                        help="int8/int4: instead of qwen2, the same model on torch's weight-only kernels "
+                        "(before qwen.kernels' int8/int4 GEMV), interleaved with ours in every repeat")
     args = parser.parse_args(argv)
+    if args.vs_torch_kernels:
+        if args.dtype not in QUANTIZED:
+            parser.error("--vs-torch-kernels compares weight-only kernels: use --dtype int8 or int4[:g]")
+        args.no_baseline = True
     if args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2 (decode speed is measured after the first new token)")
     if args.prompt_len + args.new_tokens > args.seq_length:
@@ -208,7 +263,10 @@ def main(argv=None):
     bandwidth = print_machine(args.bandwidth_gib)
 
     start = time.perf_counter()
-    ours, theirs = build_models(shape, args.vocab, args.seq_length, dtype, args.seed)
+    if args.no_baseline:
+        ours, theirs = random_qwen(shape, args.vocab, args.seq_length, dtype, args.seed), None
+    else:
+        ours, theirs = build_models(shape, args.vocab, args.seq_length, dtype, args.seed)
     if quantization:
         from qwen.quantization import quantize_model
 
@@ -219,12 +277,16 @@ def main(argv=None):
     use_cpu_kernels(ours)  # as from_pretrained does (QWEN_KERNELS=off: torch's matmul)
     print(f"ours: CPU kernel {backend()} for 16-bit decode steps")
     print(f"model: hidden {shape['hidden']}, layers {shape['layers']}, heads {shape['heads']}, "
-          f"intermediate {shape['intermediate']}, vocab {args.vocab}, ours {args.dtype}, qwen2 {'bfloat16' if quantization else args.dtype} "
+          f"intermediate {shape['intermediate']}, vocab {args.vocab}, ours {args.dtype}"
+          + ("" if theirs is None else f", qwen2 {'bfloat16' if quantization else args.dtype}") + " "
           f"(built in {time.perf_counter() - start:.1f} s)")
-    models = {"ours": ours, "qwen2": theirs}
+    models = {"ours": ours} if theirs is None else {"ours": ours, "qwen2": theirs}
+    if args.vs_torch_kernels:
+        models["torchq"] = _TorchKernels(ours)
     roofline = {}
     for name, model in models.items():
-        total, per_step = weight_bytes(model)
+        total, per_step = model._switched(weight_bytes, model.model) if isinstance(model, _TorchKernels) \
+            else weight_bytes(model)
         roofline[name] = args.batch * bandwidth / per_step
         print(f"{name:<6} weights {total / 1e9:.3f} GB; read per decode step (all but the embedding table) "
               f"{per_step / 1e9:.3f} GB; roofline {roofline[name]:.1f} tokens/s (batch x bandwidth / bytes per step)")
@@ -250,6 +312,18 @@ def main(argv=None):
     for name in models:
         p, s = med[name]
         print(f"{name:<6} {p * 1e3:>20.1f} {s:>22.2f} {100 * s / roofline[name]:>13.0f}%")
+    if theirs is None:
+        for name in models:
+            print(f"{name:<6} runs: prefill ms {[round(t * 1e3, 1) for t in prefill[name]]}, "
+                  f"decode tok/s {[round(r, 2) for r in speed[name]]}")
+        if "torchq" in models:
+            print(f"ratio ours/torchq (qwen.kernels' int8/int4 GEMV / torch's weight-only kernels, same model): "
+                  f"decode tokens/s {med['ours'][1] / med['torchq'][1]:.3f} (> 1: ours faster), prefill latency "
+                  f"{med['ours'][0] / med['torchq'][0]:.3f}")
+            same = (tokens["ours"][0] == tokens["torchq"][0]).long()
+            print(f"greedy tokens (row 0) ours vs torchq: first {int(same.cumprod(0).sum())} of {len(same)} identical")
+        print(f"(no baseline) | load average at the end {os.getloadavg()[0]:.2f}")
+        return 0
     prefill_ratio = med["ours"][0] / med["qwen2"][0]
     decode_ratio = med["ours"][1] / med["qwen2"][1]
     for name in models:

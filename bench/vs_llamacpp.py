@@ -40,7 +40,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import SHAPES, decode, prefill_seconds, print_machine, random_qwen
+from decode import (
+    SHAPES,
+    agreement,
+    decode,
+    prefill_seconds,
+    print_machine,
+    random_qwen,
+)
 
 from qwen import QWenLMHeadModel
 from qwen.tokenization_qwen import QWenTokenizer
@@ -150,15 +157,6 @@ def time_ours(model, prompt, short, new_tokens, repeats):
         rate, tokens = decode(model, short, new_tokens)
         rates.append(rate)
     return prefills, rates, tokens.tolist()
-
-
-def agreement(a, b) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def fmt(value, spec=".2f"):

@@ -31,26 +31,42 @@ int4 (`Int4Linear`), asymmetric min-max per group of `group_size` consecutive k:
 
 Backend copies (non-persistent buffers, built once at quantization time, never per call)
 ---------------------------------------------------------------------------------------
-int8: `scale_bf16` [N] bfloat16 (2 bytes per row), the scales in the dtype torch's kernel wants.
+With qwen.kernels running (the qwen package on x86-64, QWEN_KERNELS not off, the extension built):
+int8 keeps `scale_bf16` [N] bfloat16 (2 bytes per row, for torch's kernel at 17..23 rows and the
+bf16 GEMM path); int4 keeps no copy: qwen.kernels reads the canonical buffers, 0.5 + 8/g bytes per
+weight in all (0.625 at g = 64; int8 1.0).
+Without it (QWEN_KERNELS=off, remote code, no compiler, other CPUs), for torch's kernels:
+int8: `scale_bf16` as above.
 int4: `packed_cpu` uint8 [N, K/2] in the blocked nibble order of `torch._convert_weight_to_int4pack_for_cpu`
     (it depends on the CPU's vector width, hence not canonical) and `scale_zeros` bfloat16 [K/g, N, 2]
     with torch's convention w = (q - 8) * scale + zero, i.e. zero = min + 8 * scale. Another 0.5 + 4/g
-    bytes per weight: an int4 layer holds 1 + 12/g bytes per weight in all (1.19 at g = 64; int8 1.0).
+    bytes per weight: an int4 layer holds 1 + 12/g bytes per weight in all (1.19 at g = 64).
     Built only when N is a multiple of 16 (the kernel's rule); otherwise the layer always dequantizes.
 
-Compute (torch 2.13 CPU ops; timing table: `python tests/test_quantization.py`)
----------------------------------------------------------------------------------
-Rows M = the number of activation vectors in the call (batch x tokens).
-* M < `large_m` (24 for int8, 64 for int4: decode and short prompts): torch's weight-only kernels,
-  which read the quantized weights directly: int8 `torch._weight_int8pack_mm`, int4
-  `torch._weight_int4pack_mm_for_cpu`. Both are fast only for bfloat16 activations: on 11008x2048 at
-  M = 1 (8) the int8 kernel takes 1.4 (3.2) ms with bf16 x, 9.2 (75) with fp32 x and 11 (88) with
-  fp16 x; the int4 one 0.65 (2.2) ms with bf16, 19 (153) with fp32 (a scalar loop); dequantizing to
-  fp32 + F.linear 12-16 ms. So fp32 and fp16 activations are rounded to bfloat16 for the product and
-  the result is cast back. The added error is one bf16 rounding of x and of the output (relative
-  2^-9 each), well under the weights' own quantization error (up to 1/254 of the row maximum for
-  int8, 1/30 of the group range for int4). The int4 kernel also rounds scale and zero to bfloat16.
-* M >= `large_m` (prefill): the weight is dequantized to the activation dtype, `gemm_chunk` weights
+Compute (timing tables: `python bench/gemv.py --dtype int8|int4`, `python tests/test_quantization.py`)
+---------------------------------------------------------------------------------------------------
+Rows M = the number of activation vectors in the call (batch x tokens). Activations in fp32 or fp16
+are rounded to bfloat16 for the weight-only kernels and the result is cast back: one bf16 rounding
+of x and of the output (relative 2^-9 each), well under the weights' own quantization error (up to
+1/254 of the row maximum for int8, 1/30 of the group range for int4).
+* M < `large_m_own` (96 for int8, 128 for int4) where qwen.kernels runs: its int8 / int4 GEMV
+  (qwen/kernels/cpu_qgemv.cpp; more than 16 rows go in chunks of 16) on the canonical buffers: the
+  integer q widened exactly and multiplied with the bf16 activations, fp32 sums, the fp32 scales (and
+  int4 mins) applied in fp32, the bias added in fp32, one rounding to bf16; so the result is the
+  product with the canonical weights up to fp32 rounding and the one output rounding (bounds:
+  tests/test_kernels.py). Measured on an AMD EPYC (Zen 4), 2 threads, M = 1, the five Qwen-1.8B
+  layer shapes (`bench/gemv.py --dtype int8|int4`, `t.sum()` 26-27 GB/s): int8 25-31 GB/s of
+  weight bytes vs torch's `_weight_int8pack_mm` 15-22 (1.76x overall; 2.0x at M = 4 and 8); int4
+  g64 20-25 GB/s vs torch's `_weight_int4pack_mm_for_cpu` 20-21 GB/s on its 11% smaller copy
+  (0.9-1.1x per layer; lm_head 10.8 vs 8.0 GB/s, slow in both; 1.03-1.17x at M = 8). Whole 1.8B model, greedy decode, 2 threads
+  (`bench/decode.py --shape 1_8b --vs-torch-kernels`): int8 13.9 vs 9.2 tok/s, int4 17.6 vs 16.6.
+* M < `large_m` (24 for int8, 64 for int4) otherwise: torch's weight-only kernels, which read the
+  quantized weights directly: int8 `torch._weight_int8pack_mm`, int4 `torch._weight_int4pack_mm_for_cpu`.
+  Both are fast only for bfloat16 activations: on 11008x2048 at M = 1 (8) the int8 kernel takes 1.4
+  (3.2) ms with bf16 x, 9.2 (75) with fp32 x and 11 (88) with fp16 x; the int4 one 0.65 (2.2) ms with
+  bf16, 19 (153) with fp32 (a scalar loop); dequantizing to fp32 + F.linear 12-16 ms. The int4 kernel
+  also rounds scale and zero to bfloat16.
+* Above (prefill): the weight is dequantized to the activation dtype, `gemm_chunk` weights
   at a time into a reused per-thread scratch buffer (8 MB in bf16, 16 MB in fp32; int4 adds ~6 MB
   for nibbles and expanded scales), and multiplied with `F.linear`: torch's GEMM beats the
   weight-only kernels there, and fp32 activations get an fp32 product. int4 dequantizes into the
@@ -97,8 +113,10 @@ class _QuantizedLinear(nn.Module):
 
     _FLOAT32_BUFFERS: tuple[str, ...] = ()
     _BF16_BUFFERS: tuple[str, ...] = ()
-    # Calls with at least this many rows dequantize and use a GEMM (set per class from measurements).
+    # Calls with at least this many rows dequantize and use a GEMM (set per class from measurements):
+    # `large_m` where torch's weight-only kernels run, `large_m_own` where qwen.kernels' run.
     large_m = 32
+    large_m_own = 32
     # Weights dequantized at a time on the large-M path: 4M (an 8 MB bf16 scratch) stays in cache
     # for the GEMM; 32M measured 1.2-2x slower for int8 at M = 64 and 512 (11008x2048).
     gemm_chunk = 1 << 22
@@ -147,20 +165,43 @@ class _QuantizedLinear(nn.Module):
         )
 
     def _kernel(self, x2: torch.Tensor) -> torch.Tensor | None:
-        """The weight-only kernel's product for bf16 rows x2 [M, K] (no bias), or None if there is none."""
+        """torch's weight-only kernel's product for bf16 rows x2 [M, K] (no bias), or None if there is none."""
+        raise NotImplementedError
+
+    def _qwen_kernel(self, x2: torch.Tensor) -> torch.Tensor | None:
+        """qwen.kernels' product for bf16 rows x2 [M, K], bias included (bf16), or None where it does
+        not run (not the qwen package, QWEN_KERNELS=off, no extension). Above kernels.MAX_ROWS rows,
+        in chunks of MAX_ROWS (each chunk reads the weights again, from cache for the most part)."""
+        kernels = _own_kernels(self._KERNEL_WEIGHT)
+        if kernels is None:
+            return None
+        step, parts = kernels.MAX_ROWS, []
+        for start in range(0, x2.shape[0], step):
+            part = self._own_call(kernels, x2[start : start + step])
+            if part is None:
+                return None
+            parts.append(part)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _own_call(self, kernels, x2: torch.Tensor) -> torch.Tensor | None:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        y = None
-        if x2.shape[0] < self.large_m and x.device.type == "cpu":
+        rows, y = x2.shape[0], None
+        if rows < max(self.large_m, self.large_m_own) and x.device.type == "cpu":
             xb = x2 if x2.dtype == torch.bfloat16 else x2.to(torch.bfloat16)
-            y = self._kernel(xb.contiguous())
-            if y is not None:
-                y = y.to(x.dtype)
-                if self.bias is not None:
-                    y = y.add_(self.bias.to(y.dtype))
+            if rows < self.large_m_own:
+                y = self._qwen_kernel(xb)
+                if y is not None:
+                    y = y.to(x.dtype)
+            if y is None and rows < self.large_m:
+                y = self._kernel(xb.contiguous())
+                if y is not None:
+                    y = y.to(x.dtype)
+                    if self.bias is not None:
+                        y = y.add_(self.bias.to(y.dtype))
         if y is None:
             y = self._dequantized_linear(x2)
         return y.reshape(*shape[:-1], self.out_features)
@@ -210,10 +251,16 @@ class Int8Linear(_QuantizedLinear):
     # Crossover measured at 2 threads, bf16 (CPU ms, kernel vs dequantize + GEMM): 11008x2048 M = 16
     # 11.2 vs 12.5, M = 24 16.7 vs 14.2; 2048x5504 M = 24 7.0 vs 7.1, M = 32 9.2 vs 8.2.
     large_m = 24
+    # qwen.kernels (16-row chunks) vs dequantize + GEMM, same conditions: 5504x2048 M = 64 5.9 vs 6.3,
+    # M = 96 9.2 vs 8.7; 2048x5504 M = 96 8.8 vs 10.1, M = 128 11.6 vs 11.7.
+    large_m_own = 96
 
     _FLOAT32_BUFFERS = ("scale",)
     _BF16_BUFFERS = ("scale_bf16",)
-    _KERNEL_TENSORS = ("qweight", "scale_bf16")
+
+    @property
+    def _KERNEL_TENSORS(self):  # ours reads the canonical buffers, torch's the bf16 scales
+        return ("qweight", "scale") if _own_kernels(self.qweight) is not None else ("qweight", "scale_bf16")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype=torch.bfloat16, device=None):
         super().__init__(in_features, out_features, bias, dtype, device)
@@ -258,6 +305,13 @@ class Int8Linear(_QuantizedLinear):
         scale = self.scale_bf16 if dtype == torch.bfloat16 else self.scale.to(dtype)
         return torch.mul(self.qweight[start:end], scale[start:end, None], out=out)  # one pass, one rounding
 
+    @property
+    def _KERNEL_WEIGHT(self):
+        return self.qweight
+
+    def _own_call(self, kernels, x2):
+        return kernels._int8_or_none(x2, self.qweight, self.scale, self.bias)
+
     def _kernel(self, x2):
         # torch 2.13's kernel reads past the row (wrong sums, even a crash) unless K is a multiple
         # of 16; every published Qwen shape is (multiples of 256), tiny test models may not be.
@@ -272,13 +326,18 @@ class Int4Linear(_QuantizedLinear):
     # Crossover measured at 2 threads, bf16, group 128 (CPU ms, kernel vs dequantize + GEMM):
     # 11008x2048 M = 32 16.8 vs 24.7, M = 64 33.3 vs 31.4; 2048x5504 M = 64 16.8 vs 17.1, M = 96 24.9 vs 20.1.
     large_m = 64
+    # qwen.kernels (16-row chunks) vs dequantize + GEMM, group 64: 5504x2048 M = 96 11.8 vs 12.1,
+    # M = 128 15.6 vs 14.1; 2048x5504 M = 128 14.2 vs 16.6, M = 192 21.9 vs 20.1.
+    large_m_own = 128
 
     _FLOAT32_BUFFERS = ("scales", "mins")
     _BF16_BUFFERS = ("scale_zeros",)
 
     @property
-    def _KERNEL_TENSORS(self):  # torch's packed copy when it exists, else the canonical buffers
-        return ("packed_cpu", "scale_zeros") if self.packed_cpu is not None else ("packed", "scales", "mins")
+    def _KERNEL_TENSORS(self):  # the canonical buffers for qwen.kernels (or no kernel), else torch's packed copy
+        if self.packed_cpu is None or _own_kernels(self.packed) is not None:
+            return ("packed", "scales", "mins")
+        return ("packed_cpu", "scale_zeros")
 
     def __init__(
         self,
@@ -330,8 +389,9 @@ class Int4Linear(_QuantizedLinear):
         return layer
 
     def refresh_backend(self) -> None:
-        """Build torch's packed copy and bf16 scale/zero table from the canonical buffers."""
-        if self.out_features % 16 or self.packed.device.type != "cpu":
+        """Build torch's packed copy and bf16 scale/zero table from the canonical buffers, unless
+        qwen.kernels' int4 kernel runs here: it reads the canonical buffers, and no copy is kept."""
+        if self.out_features % 16 or self.packed.device.type != "cpu" or self._own_kernel_runs():
             self.packed_cpu = self.scale_zeros = None
             return
         parts = []
@@ -391,10 +451,33 @@ class Int4Linear(_QuantizedLinear):
                 )
         return out
 
+    def _own_kernel_runs(self) -> bool:
+        kernels = _own_kernels(self.packed)
+        return kernels is not None and kernels.supports_int4(
+            torch.empty(1, self.in_features, dtype=torch.bfloat16), self.packed, self.scales, self.mins, self.group_size)
+
+    @property
+    def _KERNEL_WEIGHT(self):
+        return self.packed
+
+    def _own_call(self, kernels, x2):
+        return kernels._int4_or_none(x2, self.packed, self.scales, self.mins, self.group_size, self.bias)
+
     def _kernel(self, x2):
         if self.packed_cpu is None:
             return None
         return torch._weight_int4pack_mm_for_cpu(x2, self.packed_cpu, self.group_size, self.scale_zeros)
+
+
+def _own_kernels(weight: torch.Tensor):
+    """The qwen.kernels module when its CPU kernels run in this process for a CPU weight, else None
+    (remote code never imports the qwen package: there the layers use torch's kernels)."""
+    if __package__ != "qwen" or weight.device.type != "cpu":
+        return None
+    import importlib  # not `from .kernels`: transformers would look for that file beside remote code
+
+    kernels = importlib.import_module("qwen.kernels")
+    return kernels if kernels.backend() != "torch" else None
 
 
 def _check_group_size(group_size) -> int:

@@ -69,3 +69,44 @@ def test_decode_bench_quantized_batch():
     out = run_bench("decode.py", "--shape", "tiny", "--vocab", "1024", "--prompt-len", "8", "--new-tokens", "4",
                     "--repeats", "1", "--bandwidth-gib", "0.1", "--dtype", "int8", "--batch", "2")
     assert "ours int8, qwen2 bfloat16" in out and "x batch 2" in out and "% of roofline" in out
+
+
+def test_decode_bench_quantized_alone():
+    out = run_bench("decode.py", "--shape", "tiny", "--vocab", "1024", "--prompt-len", "8", "--new-tokens", "4",
+                    "--repeats", "1", "--bandwidth-gib", "0.1", "--dtype", "int4", "--no-baseline")
+    assert "ours int4" in out and "qwen2" not in out and "% of roofline" in out and "(no baseline)" in out
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4", "int4:32"])
+def test_gemv_bench_quantized(dtype):
+    out = run_bench("gemv.py", "--smoke", "--dtype", dtype)
+    assert re.search(rf"(?m)^smoke .* {re.escape(dtype)} +1 \|", out), out
+    assert "ours/torch speed-up" in out
+
+
+def test_decode_bench_against_torch_kernels():
+    out = run_bench("decode.py", "--shape", "tiny", "--vocab", "1024", "--prompt-len", "8", "--new-tokens", "4",
+                    "--repeats", "1", "--bandwidth-gib", "0.1", "--dtype", "int4:32", "--vs-torch-kernels")
+    assert re.search(r"(?m)^torchq +[\d.]+ +[\d.]+", out) and "ratio ours/torchq" in out and "qwen2" not in out
+
+
+def run_script(script, *args):
+    """A bench script that measures no speed (no bandwidth line): its stdout."""
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / script), *args], capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_quant_accuracy_bench_smoke():
+    out = run_script("quant_accuracy.py", "--smoke")
+    assert "trained 2 steps" in out and "first 16 equal" in out
+    for name in ("fp32", "bf16", "int8", "int4:32"):
+        assert re.search(rf"(?m)^{re.escape(name)} +\d+\.\d+ +[+-]\d+\.\d+%", out), out
+
+
+def test_finetune_bench_smoke():
+    out = run_script("finetune.py", "--shape", "tiny", "--lengths", "32", "--steps", "1", "--dtype", "float32")
+    assert re.search(r"(?m)^lora +32 +[\d,]+ +\d+\.\d+ +\d+\.\d+ GiB", out), out
+    assert re.search(r"(?m)^full +32 +[\d,]+ +\d+\.\d+ +\d+\.\d+ GiB", out), out
+    assert "A100" in out

@@ -302,6 +302,16 @@ CHILD = textwrap.dedent(
             x, w, b = random_case(m, n, k, dtype, dtype, generator)
             check_gemv(kernels.gemv(x.reshape(1, m, k), w, b), x.reshape(1, m, k), w, b, f"{name} {m} {n} {k}")
             assert kernels.supports(x, w) == (name != "torch")
+    from tests.test_kernels import check_int8, check_int4, int8_case, int4_case
+    for m, n, k in ((1, 17, 33), (5, 67, 2049), (16, 3, 7)):
+        x, q, s, b = int8_case(m, n, k, torch.bfloat16, generator)
+        check_int8(kernels.int8_gemv(x, q, s, b), x, q, s, b, f"{name} int8 {m} {n} {k}")
+        assert kernels.supports_int8(x, q, s) == (name != "torch")
+    for m, n, k, g in ((1, 17, 64, 32), (5, 67, 2048, 64), (16, 3, 256, 128), (3, 5, 512, 256)):
+        x, packed, scales, mins, b = int4_case(m, n, k, g, None, generator)
+        check_int4(kernels.int4_gemv(x, packed, scales, mins, g, b), x, packed, scales, mins, g, b,
+                   f"{name} int4 {m} {n} {k} {g}")
+        assert kernels.supports_int4(x, packed, scales, mins, g) == (name != "torch")
     print(json.dumps({"backend": name, "records": records, "warnings": [str(w.message) for w in caught]}))
     """
 )
@@ -348,6 +358,7 @@ def test_build_failure_falls_back_to_torch(built, tmp_path, failure):
         broken = tmp_path / "broken"
         broken.mkdir()
         (broken / "cpu_gemv.cpp").write_text("this is not C++;\n")
+        (broken / "cpu_qgemv.cpp").write_text((REPO_ROOT / "qwen" / "kernels" / "cpu_qgemv.cpp").read_text())
     result = run_child(broken, **env)
     assert result["backend"] == "torch"
     problems = [r for r in result["records"] if r[0] in ("WARNING", "ERROR")] + result["warnings"]
@@ -365,3 +376,221 @@ def test_bench_smoke():
                           capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "memory read bandwidth" in proc.stdout and "ours/torch" in proc.stdout
+
+
+# ----------------------------------------------------------------------------- int8 / int4 weights
+#
+# The quantized kernels (cpu_qgemv.cpp) multiply bf16 activations by the exact integer q (a bf16 x
+# times q is exact in fp32) and sum in fp32, applying the scales (and the int4 group minimum, through
+# the group sums of x) in fp32; so against the float64 product of x with the canonical fp32 weights
+# W~ (int8 q * scale, int4 q * scale + min), with S = sum_k |x_k| (|q_k| scale + |min|) + |bias|
+# (int8: sum_k |x_k w~_k| + |bias|), each output is within
+#     u * |reference| + 3 * (K + 64) * 2^-24 * S + u * smallest_normal      (u = 2^-8: bf16 output)
+# the one bf16 rounding of the output plus fp32 summation (a dropped tail, a wrong nibble order or
+# scale exceeds it by orders of magnitude). Approach (a) of issue 13: no activation rounding.
+
+GROUPS = [32, 64, 128, 256]
+
+
+def int8_case(m, n, k, bias, generator):
+    x = torch.randn(m, k, generator=generator).to(torch.bfloat16)
+    q = torch.randint(-127, 128, (n, k), generator=generator, dtype=torch.int8)
+    scale = torch.rand(n, generator=generator) * 0.02
+    if n > 2:
+        scale[1] = 0  # an all-zero row
+    b = None if bias is None else torch.randn(n, generator=generator).to(bias)
+    return x, q, scale, b
+
+
+def int4_case(m, n, k, g, bias, generator):
+    x = torch.randn(m, k, generator=generator).to(torch.bfloat16)
+    packed = torch.randint(0, 256, (n, k // 2), generator=generator, dtype=torch.uint8)
+    scales = torch.rand(n, k // g, generator=generator) * 0.01
+    mins = -torch.rand(n, k // g, generator=generator) * 0.08
+    b = None if bias is None else torch.randn(n, generator=generator).to(bias)
+    return x, packed, scales, mins, b
+
+
+def int4_weight(packed, scales, mins, g):
+    """The canonical fp32 weight (one fused rounding of q * scale + min), and |q| * scale + |min|."""
+    n = packed.shape[0]
+    q = torch.stack([packed & 0xF, packed >> 4], dim=-1).view(n, -1, g).float()
+    w = torch.addcmul(mins[..., None], q, scales[..., None]).view(n, -1)
+    size = (q * scales[..., None] + mins[..., None].abs()).view(n, -1)
+    return w, size
+
+
+def check_quantized(y, x, w, w_size, b, what=""):
+    """The bound above for y against x @ w.T (+ b) in float64; returns the share of outputs equal to
+    the correctly rounded reference."""
+    n, k = w.shape
+    assert y.dtype == torch.bfloat16 and y.shape == (*x.shape[:-1], n), what
+    xd = x.reshape(-1, k).double()
+    ref = xd @ w.double().T
+    size = xd.abs() @ w_size.double().T
+    if b is not None:
+        ref = ref + b.double()
+        size = size + b.double().abs()
+    u = 2.0**-8
+    bound = u * ref.abs() + 3 * (k + 64) * 2.0**-24 * size + u * torch.finfo(torch.bfloat16).smallest_normal
+    err = (y.reshape(-1, n).double() - ref).abs()
+    worst = (err - bound).max().item()
+    assert worst <= 0, f"{what}: error exceeds the bound by {worst:.3g} (max error {err.max().item():.3g})"
+    return (y.reshape(-1, n) == ref.to(torch.bfloat16)).float().mean().item()
+
+
+def check_int8(y, x, q, scale, b, what=""):
+    w = q.float() * scale[:, None]
+    return check_quantized(y, x, w, w.abs(), b, what)
+
+
+def check_int4(y, x, packed, scales, mins, g, b, what=""):
+    w, size = int4_weight(packed, scales, mins, g)
+    return check_quantized(y, x, w, size, b, what)
+
+
+@pytest.mark.parametrize("level", OFFERED, ids=[NAMES[level] for level in OFFERED])
+def test_int8_matches_reference(built, level):
+    generator = torch.Generator().manual_seed(100 + level)
+    exact, total = 0.0, 0
+    for k in KS:
+        for n in NS:
+            for m in (1, 2, 3, 4, 5, 7, 8, 9, 15, 16) if k in (33, 2049) else MS:
+                bias = [None, torch.bfloat16, torch.float32][(k + n + m) % 3]
+                x, q, s, b = int8_case(m, n, k, bias, generator)
+                y = kernels._int8_at(x, q, s, b, level)
+                exact += check_int8(y, x, q, s, b, f"{NAMES[level]} M={m} N={n} K={k} bias={bias}") * m * n
+                total += m * n
+    assert exact / total > 0.99, f"only {exact / total:.1%} of outputs are the correctly rounded result"
+
+
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("level", OFFERED, ids=[NAMES[level] for level in OFFERED])
+def test_int4_matches_reference(built, level, group):
+    generator = torch.Generator().manual_seed(200 + level * 7 + group)
+    exact, total = 0.0, 0
+    for k in sorted({group, 2 * group, 3 * group, 5 * group, 2048 // group * group}):
+        for n in NS:
+            for m in range(1, 17) if k == 3 * group and n == 17 else MS:
+                bias = [None, torch.bfloat16, torch.float32][(k + n + m) % 3]
+                x, packed, scales, mins, b = int4_case(m, n, k, group, bias, generator)
+                y = kernels._int4_at(x, packed, scales, mins, group, b, level)
+                what = f"{NAMES[level]} g={group} M={m} N={n} K={k} bias={bias}"
+                exact += check_int4(y, x, packed, scales, mins, group, b, what) * m * n
+                total += m * n
+    assert exact / total > 0.97, f"only {exact / total:.1%} of outputs are the correctly rounded result"
+
+
+@pytest.mark.parametrize("level", OFFERED, ids=[NAMES[level] for level in OFFERED])
+def test_quantized_rows_and_threads_do_not_change_results(built, level):
+    generator = torch.Generator().manual_seed(9)
+    x, q, s, b = int8_case(13, 1029, 2049, torch.bfloat16, generator)
+    _, packed, scales, mins, _ = int4_case(13, 1029, 2048 + 64, 32, None, generator)
+    x4 = torch.randn(13, 2048 + 64, generator=generator).to(torch.bfloat16)
+    calls = [lambda xs: kernels._int8_at(xs, q, s, b, level),
+             lambda xs: kernels._int4_at(xs, packed, scales, mins, 32, b, level)]
+    threads = torch.get_num_threads()
+    for call, xx in zip(calls, (x, x4)):
+        try:
+            torch.set_num_threads(max(threads, 2))
+            full = call(xx)
+            for i in range(xx.shape[0]):
+                assert torch.equal(call(xx[i:i + 1]), full[i:i + 1])
+            torch.set_num_threads(1)
+            single = call(xx)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(single, full)
+
+
+def test_quantized_public_api_and_fallbacks(built):
+    """int8_gemv / int4_gemv: our kernel where supports_*, else the fp32 reference rounded to x.dtype."""
+    generator = torch.Generator().manual_seed(12)
+    on = built != "torch"
+    x, q, s, b = int8_case(3, 40, 96, torch.bfloat16, generator)
+    x3 = x.reshape(3, 1, 96)
+    assert kernels.supports_int8(x3, q, s) == on
+    y = kernels.int8_gemv(x3, q, s, b)
+    assert y.shape == (3, 1, 40)
+    check_int8(y, x3, q, s, b, "[B, T, K]")
+    check_int8(kernels.int8_gemv(x[0], q, s), x[0], q, s, None, "[K]")
+    x4, packed, scales, mins, b4 = int4_case(2, 24, 128, 64, torch.float32, generator)
+    assert kernels.supports_int4(x4, packed, scales, mins, 64) == on
+    check_int4(kernels.int4_gemv(x4, packed, scales, mins, 64, b4), x4, packed, scales, mins, 64, b4, "int4")
+    # Not ours: fp32 activations, too many rows, a group size that is not 32 or a multiple of 64,
+    # non-contiguous or wrongly typed buffers: the reference path, same results up to the bound.
+    many = torch.randn(kernels.MAX_ROWS + 1, 96, generator=generator).to(torch.bfloat16)
+    for what, xx, qq, ss in [("fp32 x", x.float(), q, s), ("rows", many, q, s), ("strided q", x, q.T.contiguous().T[:, :96], s),
+                             ("bf16 scale", x, q, s.bfloat16())]:
+        if what != "strided q":
+            assert not kernels.supports_int8(xx, qq, ss), what
+        y = kernels.int8_gemv(xx, qq, ss, b)
+        assert y.dtype == xx.dtype, what
+        check_int8(y.bfloat16() if xx.dtype != torch.bfloat16 else y, xx.bfloat16(), qq, ss.float(), b, what)
+    assert not kernels.supports_int8(x, q.T.contiguous().T, s)
+    x96, p96, s96, m96, _ = int4_case(2, 8, 192, 96, None, generator)
+    assert not kernels.supports_int4(x96, p96, s96, m96, 96)  # group 96: not a kernel group size
+    check_int4(kernels.int4_gemv(x96, p96, s96, m96, 96), x96, p96, s96, m96, 96, None, "group 96")
+    assert kernels._int8_or_none(x.float(), q, s) is None
+
+
+def test_quantized_autograd_falls_back(built):
+    generator = torch.Generator().manual_seed(13)
+    x, q, s, b = int8_case(2, 8, 32, torch.bfloat16, generator)
+    x = x.requires_grad_()
+    assert not kernels.supports_int8(x, q, s)
+    y = kernels.int8_gemv(x, q, s, b)
+    y.float().sum().backward()
+    assert x.grad is not None
+
+
+# Approach (b) (exact=False: avx512_bf16 with AVX512_VNNI only): the activations rounded to int8 per
+# block of 32 k, d = max |x| / 127 of the block, |x_k - d round(x_k / d)| <= d / 2 (plus a few fp32
+# ulps of d from computing x / d), so the bound above gains sum_k |q_k| scale_k * d_block(k) * (1/2 + 2^-10).
+
+
+def activation_rounding_bound(x, packed, scales, g):
+    """sum_k |q_k| s_k * d_block(k) * (1/2 + 2^-10) for each (row of x, weight row)."""
+    n = packed.shape[0]
+    q = torch.stack([packed & 0xF, packed >> 4], dim=-1).view(n, -1, g).double()
+    qs = (q * scales.double()[..., None]).view(n, -1)
+    xd = x.reshape(-1, x.shape[-1]).double()
+    d = xd.view(xd.shape[0], -1, 32).abs().amax(dim=2, keepdim=True).expand(-1, -1, 32).reshape(xd.shape) / 127
+    return (d * (0.5 + 2.0**-10)) @ qs.T
+
+
+VNNI = CPU_LEVEL >= 3 and "avx512_vnni" in cpu_flags()
+
+
+@pytest.mark.skipif(not VNNI, reason="the int8-activation int4 kernel needs AVX512_BF16 and AVX512_VNNI")
+@pytest.mark.parametrize("group", GROUPS)
+def test_int4_int8_activations_within_bound(built, group):
+    assert kernels._ext.has_vnni()
+    generator = torch.Generator().manual_seed(300 + group)
+    differ = 0
+    for k in sorted({group, 3 * group, 5 * group, 2048 // group * group}):
+        for n in NS:
+            for m in (1, 2, 4, 5, 16):
+                bias = [None, torch.bfloat16, torch.float32][(k + n + m) % 3]
+                x, packed, scales, mins, b = int4_case(m, n, k, group, bias, generator)
+                if m == 2:
+                    x[1, :32] = 0  # an all-zero block: scale 0
+                y = kernels._int4_at(x, packed, scales, mins, group, b, 3, exact=False)
+                exact = kernels._int4_at(x, packed, scales, mins, group, b, 3, exact=True)
+                w, size = int4_weight(packed, scales, mins, group)
+                n_, k_ = w.shape
+                xd = x.reshape(-1, k_).double()
+                ref = xd @ w.double().T + (0 if b is None else b.double())
+                total = xd.abs() @ size.double().T + (0 if b is None else b.double().abs())
+                u = 2.0**-8
+                bound = (u * ref.abs() + 3 * (k_ + 64) * 2.0**-24 * total + u * torch.finfo(torch.bfloat16).smallest_normal
+                         + (1 + u) * activation_rounding_bound(x, packed, scales, group))
+                err = (y.reshape(-1, n_).double() - ref).abs()
+                assert (err <= bound).all(), f"g={group} M={m} N={n} K={k}: exceeds by {(err - bound).max().item():.3g}"
+                differ += int((y != exact).sum())
+    assert differ > 0  # the rounding really happens (outputs differ from the exact kernel's)
+    # rows and threads: the same bits whatever M
+    x, packed, scales, mins, b = int4_case(13, 67, 2048, group, None, generator)
+    full = kernels._int4_at(x, packed, scales, mins, group, b, 3, exact=False)
+    for i in range(13):
+        assert torch.equal(kernels._int4_at(x[i:i + 1], packed, scales, mins, group, b, 3, exact=False), full[i:i + 1])

@@ -130,7 +130,7 @@ def test_forward_matches_dequantized_linear(kind, dtype, shape):
     y = layer(x)
     assert y.shape == (*shape, n) and y.dtype == dtype
     assert ((y.float() - ref).abs() <= _tolerance(x, layer, ref)).all()
-    if dtype == torch.float32 and x.numel() // k >= layer.large_m:
+    if dtype == torch.float32 and x.numel() // k >= max(layer.large_m, layer.large_m_own):
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)  # large M: an fp32 GEMM
 
 
@@ -141,19 +141,21 @@ def test_both_paths_agree_whatever_m(kind, dtype):
     layer = _quantize(_linear(208, 256, dtype=dtype), kind)
     x = torch.randn(5, 256).to(dtype)
     ref = F.linear(x.float(), layer.dequantize(), layer.bias.float())
-    layer.large_m = 10**9
+    layer.large_m = layer.large_m_own = 10**9
     kernel = layer(x)
-    layer.large_m, layer.gemm_chunk = 0, 64 * 256  # 64-row chunks: 4 of them, the last partial
+    layer.large_m, layer.large_m_own, layer.gemm_chunk = 0, 0, 64 * 256  # 64-row chunks: 4 of them, the last partial
     chunked = layer(x)
-    del layer.large_m, layer.gemm_chunk
+    del layer.large_m, layer.large_m_own, layer.gemm_chunk
     for y in (kernel, chunked):
         assert ((y.float() - ref).abs() <= _tolerance(x, layer, ref)).all()
     if dtype == torch.float32:
         torch.testing.assert_close(chunked, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_int4_without_torch_kernel_uses_dequantize():
-    """N not a multiple of 16: torch's int4 packing refuses it, so the layer always dequantizes."""
+def test_int4_without_torch_kernel_uses_dequantize(monkeypatch):
+    """N not a multiple of 16: torch's int4 packing refuses it, so without qwen.kernels the layer
+    always dequantizes."""
+    monkeypatch.setattr(Q, "_own_kernels", lambda weight: None)  # torch's kernels only
     layer = Int4Linear.from_linear(_linear(40, 128), 64)
     assert layer.packed_cpu is None
     x = torch.randn(1, 128).to(torch.bfloat16)
@@ -162,6 +164,7 @@ def test_int4_without_torch_kernel_uses_dequantize():
 
 
 def test_chunked_quantization_and_packing_equal_one_shot(monkeypatch):
+    monkeypatch.setattr(Q, "_own_kernels", lambda weight: None)  # torch's packed copy is built
     lin = _linear(208, 256)
     whole = Int4Linear.from_linear(lin, 32)
     whole8 = Int8Linear.from_linear(lin)
@@ -296,8 +299,9 @@ def test_from_pretrained_quantizes_every_linear_layer(checkpoint, prompt, kind, 
     assert model.dtype == dtype
 
     # Decode-sized (kernel) and prefill-sized (dequantize) calls against the float model.
-    long_prompt = prompt.repeat(1, 1 + max(Int8Linear.large_m, Int4Linear.large_m) // prompt.shape[1])
-    assert long_prompt.shape[1] >= cls.large_m
+    large = max(Int8Linear.large_m, Int4Linear.large_m, Int8Linear.large_m_own, Int4Linear.large_m_own)
+    long_prompt = prompt.repeat(1, 1 + large // prompt.shape[1])
+    assert long_prompt.shape[1] >= max(cls.large_m, cls.large_m_own)
     for ids in (prompt, long_prompt):
         ref, got = _last_logits(plain, ids), _last_logits(model, ids)
         assert F.cosine_similarity(ref, got, dim=0) > COSINE_BOUND[kind]
@@ -353,9 +357,10 @@ print(json.dumps({"layer": type(model.transformer.h[0].mlp.w1).__module__ + "." 
 """
 
 
-def test_quantization_ships_with_the_remote_code(checkpoint, prompt, tmp_path):
+def test_quantization_ships_with_the_remote_code(checkpoint, prompt, tmp_path, monkeypatch):
     """quantization.py is one of the remote-code files save_pretrained writes: a saved checkpoint
-    quantizes on load through transformers' remote code, without the qwen package."""
+    quantizes on load through transformers' remote code, without the qwen package (so on torch's
+    kernels: compared with the local model on torch's kernels too)."""
     model = qwen.QWenLMHeadModel.from_pretrained(checkpoint)
     model.save_pretrained(tmp_path / "saved")
     assert (tmp_path / "saved" / "quantization.py").is_file()
@@ -367,6 +372,7 @@ def test_quantization_ships_with_the_remote_code(checkpoint, prompt, tmp_path):
     remote = json.loads(proc.stdout.strip().splitlines()[-1])
     assert remote["layer"].startswith("transformers_modules") and remote["layer"].endswith("quantization.Int8Linear")
     assert remote["qwen_imported"] is False
+    monkeypatch.setattr(Q, "_own_kernels", lambda weight: None)
     local = _last_logits(qwen.QWenLMHeadModel.from_pretrained(checkpoint, quantization="int8"), prompt)
     torch.testing.assert_close(torch.tensor(remote["logits"]), local, rtol=0, atol=1e-5)
 
@@ -383,13 +389,18 @@ def test_quantize_model_frees_the_float_weights(checkpoint, kind):
     assert all(ref() is None for ref in weights)  # nothing holds the float weights any more
     assert sum(p.nbytes for p in model.parameters()) == before - float_bytes  # biases and the rest remain
     # What the quantized layers hold instead, canonical and backend copies together: int8 1 byte per
-    # weight + 4 (scale) + 2 (bf16 scale) per row; int4 2 x 0.5 byte per weight + 4 + 4 + 2 + 2 per group.
+    # weight + 4 (scale) + 2 (bf16 scale) per row; int4 2 x 0.5 byte per weight + 4 + 4 + 2 + 2 per group
+    # with torch's packed copy, 0.5 byte + 4 + 4 per group on qwen.kernels (no copy).
+    own = Q._own_kernels(torch.empty(0)) is not None
     held = expected = 0
     for name in names:
         layer = model.get_submodule(name)
         held += sum(b.nbytes for b in layer.buffers())
         n, k = layer.out_features, layer.in_features
-        expected += n * k + 6 * n if kind == "int8" else n * k + n * (k // 64) * 12
+        if kind == "int8":
+            expected += n * k + 6 * n
+        else:
+            expected += n * k // 2 + n * (k // 64) * 8 if own else n * k + n * (k // 64) * 12
     assert held == expected
 
 
@@ -404,7 +415,8 @@ def test_quantize_model_in_memory_matches_from_pretrained(checkpoint, prompt):
 
 def _benchmark(threads=2, repeats=15):
     """One layer's forward at M = 1, 8, 512 rows, bf16 activations: bf16 F.linear, the int8 and int4
-    torch kernels and the dequantize + F.linear path. The cases run round-robin (a burst of other
+    torch kernels, qwen.kernels' (None where it does not run: the time of a no-op) and the
+    dequantize + F.linear path. The cases run round-robin (a burst of other
     work on a shared machine hits them all); prints median ms, min ms and GB/s = weight (and scale)
     bytes read / median time."""
     import statistics
@@ -427,13 +439,18 @@ def _benchmark(threads=2, repeats=15):
         w = lin.weight.detach()
         q8 = Int8Linear.from_linear(lin)
         q4 = {g: Int4Linear.from_linear(lin, g) for g in (32, 64, 128)}
+        for layer in q4.values():  # torch's packed copy too, for its kernel
+            layer._own_kernel_runs = lambda: False
+            layer.refresh_backend()
         cases = {
             "bf16 F.linear": (lambda x, w=w: F.linear(x, w), n * k * 2),
             "int8 kernel": (q8._kernel, n * k + n * 2),
+            "int8 qwen.kernels": (q8._qwen_kernel, n * k + n * 4),
             "int8 dequant+linear": (q8._dequantized_linear, n * k + n * 4),
         }
         for g, layer in q4.items():
             cases[f"int4 g{g} kernel"] = (layer._kernel, n * k // 2 + n * k // g * 4)
+            cases[f"int4 g{g} qwen.kernels"] = (layer._qwen_kernel, n * k // 2 + n * k // g * 8)
         for g, layer in q4.items():
             cases[f"int4 g{g} dequant+linear"] = (layer._dequantized_linear, n * k // 2 + n * k // g * 8)
         cells = {name: [] for name in cases}
@@ -470,3 +487,51 @@ def test_int8_rows_not_a_multiple_of_16_stay_exact(in_features):
         got = layer(x).float()
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+# -- qwen.kernels' int8 / int4 kernels in the model ---------------------------------------------
+
+OWN = Q._own_kernels(torch.empty(0)) is not None
+
+
+@pytest.mark.skipif(not OWN, reason="qwen.kernels does not run here (QWEN_KERNELS=off, no extension or not x86)")
+@pytest.mark.parametrize("kind", ["int8", "int4:64", "int4:32"])
+def test_own_kernels_agree_with_torch_kernels(checkpoint, tokenizer, kind, monkeypatch):
+    """Greedy tokens on qwen.kernels (decode steps: 1 row) and on torch's weight-only kernels agree
+    on a few prompts; the layers read the canonical buffers (int4: no torch copy is built)."""
+    ours = qwen.QWenLMHeadModel.from_pretrained(checkpoint, quantization=kind).eval()
+    layer = ours.transformer.h[0].mlp.w1
+    if kind.startswith("int4"):
+        assert layer.packed_cpu is None and layer._KERNEL_TENSORS == ("packed", "scales", "mins")
+    else:
+        assert layer._KERNEL_TENSORS == ("qweight", "scale")
+    monkeypatch.setattr(Q, "_own_kernels", lambda weight: None)
+    theirs = qwen.QWenLMHeadModel.from_pretrained(checkpoint, quantization=kind).eval()
+    monkeypatch.undo()
+    greedy = {"do_sample": False, "max_new_tokens": 8}
+    for text in ("Weight-only quantization keeps the activations in floating point.", "Hello!",
+                 "The sea is calm tonight; the tide is full"):
+        ids = torch.tensor([tokenizer.encode(text)])
+        with torch.no_grad():
+            assert torch.equal(ours.generate(ids, **greedy), theirs.generate(ids, **greedy)), text
+
+
+@pytest.mark.skipif(not OWN, reason="qwen.kernels does not run here")
+@pytest.mark.parametrize("kind", ["int8", "int4:64"])
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 40])
+def test_own_kernels_match_the_dequantized_weight(kind, rows):
+    """Layers on qwen.kernels against the fp32 product with dequantize(): x rounded to bf16 for the
+    kernel, fp32 sums, one bf16 rounding (the bias inside it); more than MAX_ROWS rows go in chunks."""
+    layer = _quantize(_linear(208, 256), kind)
+    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+    ref = F.linear(x.double(), layer.dequantize().double(), layer.bias.double())
+    y = layer(x)
+    assert rows < layer.large_m_own and y.dtype == torch.bfloat16
+    size = x.double().abs() @ layer.dequantize().double().abs().T + layer.bias.double().abs()
+    if kind != "int8":  # int4: the terms are |q| * scale + |min|
+        n, k, g = 208, 256, layer.group_size
+        q = layer._unpack_rows(0, n).view(n, -1, g).double()
+        terms = (q * layer.scales.double()[..., None] + layer.mins.double()[..., None].abs()).view(n, k)
+        size = x.double().abs() @ terms.T + layer.bias.double().abs()
+    bound = BF16_EPS * ref.abs() + 3 * (256 + 64) * FP32_EPS / 2 * size + 1e-38  # u = 2^-8: 8 significant bits
+    assert ((y.double() - ref).abs() <= bound).all()

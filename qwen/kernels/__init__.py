@@ -11,10 +11,34 @@ fp32 and rounds once to the activation dtype.
     kernels.supports(x, weight)       # True when gemv runs our kernel for these (else it calls F.linear)
     kernels.MAX_ROWS                  # the most rows (x.numel() // K) the kernel takes
 
+Weight-only int8 / int4 products (``cpu_qgemv.cpp``, the same extension), on the canonical buffers
+of ``qwen.quantization`` (``Int8Linear`` / ``Int4Linear`` route their decode-sized calls here):
+
+    y = kernels.int8_gemv(x, qweight, scale, bias)                # int8 [N, K], fp32 [N]
+    y = kernels.int4_gemv(x, packed, scales, mins, group, bias)   # uint8 [N, K/2], fp32 [N, K/g] x 2
+    kernels.supports_int8(x, qweight, scale), kernels.supports_int4(x, packed, scales, mins, group)
+
+x: bf16 [..., K], 1..MAX_ROWS rows; y: bf16. The integer weights are widened exactly and multiplied
+with the bf16 activations as they are (exact fp32 products), summed in fp32, scaled (int8: by the
+row's scale; int4: group by group, plus the group minimum times the group's sum of x) in fp32, the
+bias added in fp32, rounded once to bf16 (approach (a) of issue 13). Paths: avx512_bf16: int8
+VCVTNE2PS2BF16 + VDPBF16PS; int4 nibbles -> bf16 by VPERMW + VDPBF16PS; avx512: VPMOVSX/ZX + VCVTDQ2PS
++ FMA; avx2: the same on 8 lanes. Where the kernel does not take the tensors, the functions compute
+the fp32 reference (dequantized weight, F.linear): slow, for completeness.
+Approach (b), llama.cpp's Q4_0 x Q8_0 (activations rounded to int8 per block of 32, VPDPBUSD), is
+there for int4 on avx512_bf16 CPUs with AVX512_VNNI: ``int4_gemv(..., exact=False)`` or
+QWEN_INT4_ACTIVATIONS=int8 for the model. It adds an activation error of up to 1/254 of each 32-block's
+largest |x| and, measured on Zen 4 with 2 threads, decodes no faster: 40 vs 32 G weights/s per
+thread with the weights in cache, the same ~20-22 GB/s as (a) at M = 1 from memory (about 10-25%
+faster at M = 4). So (a) is the default.
+Measured (AMD EPYC Zen 4, 2 threads, Qwen-1.8B layer shapes, M = 1; bench/gemv.py, t.sum() 26-27
+GB/s): int8 25-31 GB/s of weight bytes (torch's _weight_int8pack_mm 15-22: 1.76x), int4 g64 20-25
+GB/s (torch's _weight_int4pack_mm_for_cpu 20-21 on its 11% smaller copy); see bench/README.md.
+
 The extension is compiled on first use with ``torch.utils.cpp_extension.load`` from the sources
 shipped in this package into ``$QWEN_KERNEL_CACHE/<tag>`` (default ``~/.cache/qwen/kernels/<tag>``;
 the tag hashes the sources, torch, Python and the flags), so later processes load the built library
-without compiling (the first build takes ~15 s on 2 cores, and blocks the first call). One library
+without compiling (the first build takes ~40 s on 2 cores, and blocks the first call). One library
 holds every code path (per-function target attributes, no -march), and the path is chosen at run
 time from what the CPU offers, capped by:
 
@@ -50,17 +74,23 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MAX_ROWS", "backend", "gemv", "supports"]
+__all__ = ["MAX_ROWS", "backend", "gemv", "int4_gemv", "int8_gemv", "supports", "supports_int4", "supports_int8"]
 
 logger = logging.getLogger("qwen.kernels")
 
 MAX_ROWS = 16  # activation rows per call; above it a matmul is compute bound and F.linear is the better kernel
 
-_SOURCES = ("cpu_gemv.cpp",)
+_SOURCES = ("cpu_gemv.cpp", "cpu_qgemv.cpp")
 _CFLAGS = ("-O3",)
 _NAMES = {0: "torch", 1: "avx2", 2: "avx512", 3: "avx512_bf16"}
 _LEVELS = {name: level for level, name in _NAMES.items()}
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+# int4 at avx512_bf16 with AVX512_VNNI: QWEN_INT4_ACTIVATIONS=int8 selects approach (b), activations
+# rounded to int8 per block of 32 (relative error of each activation at most 1/254 of its block's
+# largest |x|); the default keeps them exact (bf16).
+_INT4_EXACT = os.environ.get("QWEN_INT4_ACTIVATIONS", "bf16").strip().lower() != "int8"
+INT4_ACTIVATION_ERROR = 1 / 254  # with exact=False: |x - x~| <= max |x| of its 32-block / 254
 
 _lock = threading.RLock()
 _ready = False  # the backend is chosen
@@ -97,6 +127,100 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         if y is not None:
             return y
     return F.linear(x, weight, bias)
+
+
+# ----------------------------------------------------------------------------- int8 / int4 weights
+
+
+def supports_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> bool:
+    """True when int8_gemv runs our kernel: bf16 CPU activations x [..., K] with 1 to MAX_ROWS rows,
+    a contiguous int8 qweight [N, K], a contiguous fp32 scale [N], no autograd graph to record."""
+    if not _ready:
+        _ensure()
+    return _level > 0 and _ext.int8_supports(x, qweight, scale, None, _level)
+
+
+def supports_int4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                  group_size: int) -> bool:
+    """True when int4_gemv runs our kernel: bf16 CPU activations x [..., K] with 1 to MAX_ROWS rows,
+    contiguous packed uint8 [N, K/2], fp32 scales and mins [N, K/group_size], group_size 32 or a
+    multiple of 64 dividing K, no autograd graph to record."""
+    if not _ready:
+        _ensure()
+    return _level > 0 and _ext.int4_supports(x, packed, scales, mins, group_size, None, _level)
+
+
+def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ (qweight * scale[:, None]).T + bias for the canonical int8 buffers of
+    qwen.quantization.Int8Linear: our kernel where supports_int8 (fp32 sums, one rounding to bf16),
+    else the dequantized weight in fp32 through F.linear, rounded to x.dtype (slow: a reference)."""
+    y = _int8_or_none(x, qweight, scale, bias)
+    if y is None:
+        w = qweight.float() * scale.float()[:, None]
+        y = F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
+    return y
+
+
+def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
+              bias: torch.Tensor | None = None, exact: bool | None = None) -> torch.Tensor:
+    """x @ W~.T + bias for the canonical int4 buffers of qwen.quantization.Int4Linear (W~[n, k] =
+    q[n, k] * scales[n, k // g] + mins[n, k // g], q the nibbles of packed, low nibble = even k):
+    our kernel where supports_int4, else the dequantized weight in fp32 through F.linear.
+    exact=False (default: QWEN_INT4_ACTIVATIONS=int8 in the environment, else True) lets the
+    avx512_bf16 path, on a CPU with AVX512_VNNI, round the activations to int8 per block of 32
+    (llama.cpp's Q4_0 x Q8_0 scheme; see INT4_ACTIVATION_ERROR); elsewhere it changes nothing."""
+    y = _int4_or_none(x, packed, scales, mins, group_size, bias, exact)
+    if y is None:
+        n = packed.shape[0]
+        q = torch.stack([packed & 0xF, packed >> 4], dim=-1).view(n, -1, group_size).float()
+        w = (q * scales.float()[..., None] + mins.float()[..., None]).view(n, -1)
+        y = F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
+    return y
+
+
+def _int8_or_none(x, qweight, scale, bias=None):
+    """Our int8 kernel's result, or None where it does not run (qwen.quantization falls back itself)."""
+    if not _ready:
+        _ensure()
+    if _level and type(x) in _PLAIN:
+        return _ext.int8_gemv(x, qweight, scale, bias, _level)
+    return None
+
+
+def _int4_or_none(x, packed, scales, mins, group_size, bias=None, exact=None):
+    """Our int4 kernel's result, or None where it does not run."""
+    if not _ready:
+        _ensure()
+    if _level and type(x) in _PLAIN:
+        return _ext.int4_gemv(x, packed, scales, mins, group_size, bias, _level, _INT4_EXACT if exact is None else exact)
+    return None
+
+
+def _int8_at(x, qweight, scale, bias, level: int) -> torch.Tensor:
+    """Tests: int8_gemv through the path `level`, whatever the caps say."""
+    _check_level(level)
+    y = _ext.int8_gemv(x, qweight, scale, bias, level)
+    if y is None:
+        raise ValueError("these tensors are not supported by the kernel")
+    return y
+
+
+def _int4_at(x, packed, scales, mins, group_size, bias, level: int, exact: bool = True) -> torch.Tensor:
+    """Tests: int4_gemv through the path `level`, whatever the caps say."""
+    _check_level(level)
+    y = _ext.int4_gemv(x, packed, scales, mins, group_size, bias, level, exact)
+    if y is None:
+        raise ValueError("these tensors are not supported by the kernel")
+    return y
+
+
+def _check_level(level: int) -> None:
+    _ensure()
+    if _x86():
+        _extension()
+    if _ext is None or not 1 <= level <= _cpu_level:
+        raise RuntimeError(f"kernel level {level} is not available here (CPU offers {_NAMES[_cpu_level]})")
 
 
 def _gemv_at(x, weight, bias, level: int) -> torch.Tensor:

@@ -647,13 +647,21 @@ std::optional<at::Tensor> gemv(const at::Tensor& x_in, const at::Tensor& w, cons
 
 }  // namespace
 
+// cpu_qgemv.cpp (the int8/int4 kernels, same extension) shares the CPU detection and adds its
+// functions to this module.
+namespace qwen_kernels {
+int64_t cpu_isa() { return ::cpu_isa(); }
+void bind_quantized(pybind11::module_& m);  // cpu_qgemv.cpp
+}  // namespace qwen_kernels
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
-  m.doc() = "qwen small-M bf16/fp16 matrix products for x86 CPUs";
+  m.doc() = "qwen small-M matrix products for x86 CPUs: bf16/fp16 weights, int8/int4 weight-only quantized";
   m.attr("max_rows") = kMaxRows;
   m.def("cpu_isa", &cpu_isa, "best kernel level this CPU offers: 0 none, 1 avx2, 2 avx512, 3 avx512_bf16");
   m.def("supports", &supports, "whether gemv takes these tensors", py::arg("x"), py::arg("w"), py::arg("bias"),
         py::arg("isa"));
   m.def("gemv", &gemv, "y = x @ w.T (+ bias) for small M, or None when not supported", py::arg("x"), py::arg("w"),
         py::arg("bias"), py::arg("isa"), py::call_guard<py::gil_scoped_release>());
+  qwen_kernels::bind_quantized(m);
 }
