@@ -69,17 +69,24 @@ def quantize(model_path, data_path, out_path, bits: int = 4, group_size: int = 1
         raise ValueError(f"GPTQ quantization needs gptqmodel (pip install 'qwen[gptq]'): {exc}") from None
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(os.cpu_count() or 1, 8))))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    with staged_output(out_path, force, sources=[source]) as staging:
-        settings = QuantizeConfig(bits=bits, group_size=group_size, damp_percent=0.01, desc_act=False, sym=True,
-                                  true_sequential=True)
-        model = GPTQModel.load(str(source), settings, device=device, trust_remote_code=True)
-        print(f"quantizing {model_path} to {bits} bits (group {group_size}) on {device} with "
-              f"{len(examples)} calibration record(s)", flush=True)
-        model.quantize(examples)
-        model.tokenizer = None  # ours is saved below (gptqmodel's tokenizer wrapper cannot save it)
-        with tempfile.TemporaryDirectory(dir=staging.parent) as saved:
-            model.save(saved)
-            _finish_directory(Path(saved), staging, source, tokenizer)
+    source = source.resolve()
+    with staged_output(out_path, force, sources=[source]) as staging, \
+            tempfile.TemporaryDirectory(dir=staging.parent) as scratch:
+        here = os.getcwd()
+        os.chdir(scratch)  # gptqmodel writes its own logs/ into the working directory: not into the user's
+        try:
+            settings = QuantizeConfig(bits=bits, group_size=group_size, damp_percent=0.01, desc_act=False, sym=True,
+                                      true_sequential=True)
+            model = GPTQModel.load(str(source), settings, device=device, trust_remote_code=True)
+            print(f"quantizing {model_path} to {bits} bits (group {group_size}) on {device} with "
+                  f"{len(examples)} calibration record(s)", flush=True)
+            model.quantize(examples)
+            model.tokenizer = None  # ours is saved below (gptqmodel's tokenizer wrapper cannot save it)
+            saved = Path(scratch) / "saved"
+            model.save(str(saved))
+        finally:
+            os.chdir(here)
+        _finish_directory(saved, staging, source, tokenizer)
         write_remote_code(staging)
     return Path(out_path)
 

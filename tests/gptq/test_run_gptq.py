@@ -4,6 +4,7 @@ fine-tuning-format calibration data; the output directory must load through our 
 GPTQ library involved), chat, and stay close to the float model."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -39,7 +40,7 @@ def calibration(tmp_path_factory):
 
 def run_gptq(*args):
     return subprocess.run([sys.executable, str(ROOT / "run_gptq.py"), *map(str, args)], capture_output=True,
-                          text=True, timeout=1200, env={**__import__("os").environ, "GPTQMODEL_CPU_WORKERS": "2"})
+                          text=True, timeout=1200, cwd=ROOT, env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"})
 
 
 def last_logits(model, ids):
@@ -56,6 +57,7 @@ def quantized(float_model, calibration, tmp_path_factory):
                         "--bits", bits, "--max_len", 64)
         assert done.returncode == 0, done.stderr[-3000:]
         assert f"wrote the {bits}-bit GPTQ checkpoint" in done.stdout
+        assert not (ROOT / "logs").exists(), "gptqmodel's logs/ landed in the working directory"
         out[bits] = path
     return out
 
