@@ -583,12 +583,25 @@ class QWenModel(QWenPreTrainedModel):
         batch, query_len = hidden_states.shape[:2]
         key_len = query_len + (cache.get_seq_length() if cache is not None else 0)
 
-        padding_mask = None
-        if attention_mask is not None:
+        padding_mask, full_mask = None, None
+        if attention_mask is not None and attention_mask.dim() == 4:
+            # Which keys each query may see, in full (e.g. several packed records per row, each causal
+            # within itself): bool (True = attend) or additive, [batch or 1, 1, new tokens, keys].
+            if attention_mask.shape[1:] != (1, query_len, key_len) or attention_mask.shape[0] not in (1, batch):
+                raise ValueError(
+                    f"a 4-d attention_mask must have shape ({batch}, 1, {query_len}, {key_len}), "
+                    f"got {tuple(attention_mask.shape)}"
+                )
+            full_mask = attention_mask
+            if full_mask.dtype == torch.bool:
+                full_mask = torch.zeros(full_mask.shape, dtype=hidden_states.dtype, device=full_mask.device) \
+                    .masked_fill(~full_mask, torch.finfo(hidden_states.dtype).min)
+            full_mask = full_mask.to(hidden_states.dtype)
+        elif attention_mask is not None:
             if attention_mask.dim() != 2 or attention_mask.shape != (batch, key_len):
                 raise ValueError(
-                    f"attention_mask must have shape (batch, past + new tokens) = ({batch}, {key_len}), "
-                    f"got {tuple(attention_mask.shape)}"
+                    f"attention_mask must have shape (batch, past + new tokens) = ({batch}, {key_len}) or "
+                    f"({batch}, 1, {query_len}, {key_len}), got {tuple(attention_mask.shape)}"
                 )
             if not bool(attention_mask.all()):
                 padding_mask = attention_mask
@@ -606,7 +619,10 @@ class QWenModel(QWenPreTrainedModel):
             windows = [b.attn.window if b.attn.window and b.attn.window < key_len else None for b in self.h]
             biases = {}
             for window in set(windows):
-                if padding_mask is None and window is None and (query_len == 1 or query_len == key_len):
+                if full_mask is not None:  # the caller's mask, narrowed by the layer's window if any
+                    biases[window] = full_mask if window is None else full_mask + attention_bias(
+                        None, query_len, key_len, window, hidden_states.dtype, hidden_states.device)
+                elif padding_mask is None and window is None and (query_len == 1 or query_len == key_len):
                     biases[window] = None
                 else:
                     biases[window] = attention_bias(

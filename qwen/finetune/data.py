@@ -270,12 +270,22 @@ def make_dataset(path, tokenizer, max_length: int, lazy: bool = False, skip_inva
 
 @dataclass
 class DataCollator:
-    """Pads a batch to its longest row: input_ids with `pad_id`, labels with -100, attention_mask 0."""
+    """Pads a batch to its longest row: input_ids with `pad_id`, labels with -100, attention_mask 0.
+
+    With `pack_length` (--packing), the batch's records are first packed in order into as few rows of
+    at most `pack_length` tokens as fit, and attention_mask is a 4-d bool mask [rows, 1, L, L] that
+    keeps each record causal within itself: what every record computes equals its own row, as
+    rotary positions are relative (and dynamic NTK / LogN are off within seq_length in training).
+    The first label of every record but a row's first is -100, so no record learns to predict the
+    next record's start."""
 
     pad_id: int
     pad_to_multiple_of: int | None = None
+    pack_length: int | None = None
 
     def __call__(self, examples):
+        if self.pack_length:
+            return self._packed(examples)
         longest = max(len(e["input_ids"]) for e in examples)
         if self.pad_to_multiple_of:
             longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -288,3 +298,34 @@ class DataCollator:
             labels[row, :n] = torch.tensor(example["labels"])
             mask[row, :n] = 1
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    def _packed(self, examples):
+        rows: list[list[dict]] = []
+        for example in examples:  # first fit, in order
+            n = len(example["input_ids"])
+            for row in rows:
+                if sum(len(e["input_ids"]) for e in row) + n <= self.pack_length:
+                    row.append(example)
+                    break
+            else:
+                rows.append([example])
+        longest = max(sum(len(e["input_ids"]) for e in row) for row in rows)
+        if self.pad_to_multiple_of:
+            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(rows), 1, longest, longest), dtype=torch.bool)
+        causal = torch.ones(longest, longest, dtype=torch.bool).tril()
+        for r, row in enumerate(rows):
+            start = 0
+            for example in row:
+                end = start + len(example["input_ids"])
+                ids[r, start:end] = torch.tensor(example["input_ids"])
+                labels[r, start:end] = torch.tensor(example["labels"])
+                if start:
+                    labels[r, start] = IGNORE_INDEX
+                mask[r, 0, start:end, start:end] = causal[: end - start, : end - start]
+                start = end
+            mask[r, 0, start:, start:] = causal[: longest - start, : longest - start]  # padding sees itself
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+

@@ -3,7 +3,8 @@ without DeepSpeed. `finetune.py` (and the finetune/*.sh launchers) call `main`.
 
 The arguments and defaults are the original finetune.py's (QWEN_SPEC §7) plus the Trainer's own, and
 --skip_invalid. What differs from the original, on purpose:
-- batches are padded to their longest row (the original pads every row to model_max_length);
+- batches are padded to their longest row (the original pads every row to model_max_length), and
+  --packing packs a batch's short records into full rows (attention kept within each record);
 - the DeepSpeed configs carry no optimizer or scheduler, so --optim / --lr_scheduler_type / --warmup_ratio
   are what runs (the original's WarmupLR silently replaced the cosine schedule);
 - --resume_from_checkpoint True resumes from the latest checkpoint in output_dir (LoRA included);
@@ -47,6 +48,9 @@ class DataArguments:
         "help": "tokenize records when first used (JSON Lines files are then streamed, not loaded whole)"})
     skip_invalid: bool = field(default=False, metadata={
         "help": "drop malformed records (reported with a count) instead of stopping"})
+    packing: bool = field(default=False, metadata={
+        "help": "pack each batch's records into as few rows of --model_max_length tokens as fit, attention kept "
+                "within each record (fewer, fuller rows for short records)"})
 
 
 @dataclass
@@ -271,7 +275,9 @@ def build_trainer(model_args, data_args, training_args, lora_args):
     model = load_model(model_args, training_args, lora_args)
     trainer = transformers.Trainer(
         model=model, args=training_args, train_dataset=datasets["train"], eval_dataset=datasets.get("eval"),
-        data_collator=DataCollator(pad_id=tokenizer.eod_id), processing_class=tokenizer,
+        data_collator=DataCollator(pad_id=tokenizer.eod_id,
+                                   pack_length=training_args.model_max_length if data_args.packing else None),
+        processing_class=tokenizer,
     )
     # QWenPreTrainedModel.accepts_loss_kwargs is False; said again here because a PEFT wrapper may
     # hide the attribute from the Trainer's check.
