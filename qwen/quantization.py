@@ -189,6 +189,10 @@ class _QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
+        if torch.is_grad_enabled() and x.requires_grad:
+            # Training through the frozen layer (Q-LoRA): gradients flow to x only. The kernels and
+            # the reused scratch buffer know no autograd, so the product gets its own backward.
+            return _FrozenQuantizedProduct.apply(x2, self).reshape(*shape[:-1], self.out_features)
         rows, y = x2.shape[0], None
         if rows < max(self.large_m, self.large_m_own) and x.device.type == "cpu":
             xb = x2 if x2.dtype == torch.bfloat16 else x2.to(torch.bfloat16)
@@ -228,6 +232,20 @@ class _QuantizedLinear(nn.Module):
             w = self._gemm_weight(start, end, x2.dtype, out[: (end - start) * k].view(end - start, k))
             parts.append(F.linear(x_in, w, None if bias is None else bias[start:end]))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+class _FrozenQuantizedProduct(torch.autograd.Function):
+    """y = x @ w~.T + bias with a gradient for x alone; the weight is dequantized again in backward
+    (into a fresh tensor) rather than kept, so training holds no float copy of the weights."""
+
+    @staticmethod
+    def forward(ctx, x2, layer):
+        ctx.layer = layer
+        return layer._dequantized_linear(x2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad @ ctx.layer.dequantize(grad.dtype), None
 
 
 _SCRATCH = threading.local()
@@ -365,6 +383,11 @@ class Int4Linear(_QuantizedLinear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", group_size={self.group_size}"
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The packed 4-bit weights under the name quantized-layer tools (PEFT) look for."""
+        return self.packed
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = DEFAULT_GROUP_SIZE) -> Int4Linear:

@@ -535,3 +535,23 @@ def test_own_kernels_match_the_dequantized_weight(kind, rows):
         size = x.double().abs() @ terms.T + layer.bias.double().abs()
     bound = BF16_EPS * ref.abs() + 3 * (256 + 64) * FP32_EPS / 2 * size + 1e-38  # u = 2^-8: 8 significant bits
     assert ((y.double() - ref).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("method", ["int8", "int4:64"])
+def test_training_through_a_frozen_quantized_layer_gives_the_float_gradients(method):
+    """Q-LoRA trains adapters around frozen quantized layers: with grad enabled the layer's output and
+    the gradient for its input are those of the dequantized weight (fp32), for prefill-size and
+    decode-size calls alike (the kernels and the scratch buffer know no autograd)."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 192, bias=True)
+    layer = quantize_model(torch.nn.Sequential(linear), method)[0]
+    w = layer.dequantize(torch.float32)
+    for rows in (3, 200):
+        x = torch.randn(rows, 256, requires_grad=True)
+        y = layer(x)
+        (y * torch.arange(192.0)).sum().backward()
+        x_ref = x.detach().clone().requires_grad_()
+        y_ref = torch.nn.functional.linear(x_ref, w, layer.bias)
+        (y_ref * torch.arange(192.0)).sum().backward()
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)

@@ -209,16 +209,15 @@ def load_model(model_args, training_args, lora_args):
     dtype = load_dtype(training_args, training_args.use_lora)
     config = transformers.AutoConfig.from_pretrained(path, cache_dir=training_args.cache_dir, trust_remote_code=True)
     config.use_cache = False
-    kwargs = {}
     if lora_args.q_lora:
         if getattr(config, "quantization_config", None) is None:
             raise FinetuneError(f"--q_lora needs a GPTQ Int4 checkpoint (with a quantization_config); {path} has none")
-        from transformers import GPTQConfig
-
-        kwargs["quantization_config"] = GPTQConfig(bits=4, disable_exllama=True)
-        dtype = torch.float16
+        # Our from_pretrained unpacks GPTQ itself (qwen/gptq.py): 4-bit layers become Int4Linear, which
+        # trains LoRA on top on the CPU or the GPU (qwen.quantization). fp16 as the original on GPUs.
+        if torch.cuda.is_available():
+            dtype = torch.float16
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        path, config=config, cache_dir=training_args.cache_dir, dtype=dtype, trust_remote_code=True, **kwargs
+        path, config=config, cache_dir=training_args.cache_dir, dtype=dtype, trust_remote_code=True
     )
     model.config.use_cache = False
     if not training_args.use_lora:
@@ -240,6 +239,12 @@ def load_model(model_args, training_args, lora_args):
             lora_dropout=lora_args.lora_dropout, bias=lora_args.lora_bias, task_type="CAUSAL_LM",
             modules_to_save=modules_to_save,
         )
+        if lora_args.q_lora:  # PEFT's own LoRA linear around our quantized layers (frozen, x-gradients only)
+            from peft.tuners.lora.layer import Linear as LoraLinear
+
+            from qwen.quantization import Int4Linear, Int8Linear
+
+            lora._register_custom_module({Int4Linear: LoraLinear, Int8Linear: LoraLinear})
         model = get_peft_model(model, lora)
     if training_args.activation_checkpointing:
         model.enable_input_require_grads()
