@@ -121,25 +121,19 @@ def _gptq_linear(tensors: dict, settings: dict, dtype: torch.dtype) -> nn.Module
     return layer
 
 
-def _safetensors_files(directory: Path) -> list[Path]:
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [directory / name for name in names]
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise OSError(f"no *.safetensors weights in {directory}")
-    return files
-
-
 def load_gptq_model(cls, directory, config, dtype: torch.dtype, settings: dict, device=None):
     """A `cls` model with the GPTQ checkpoint's weights: quantized layers as described in the module
     docstring, every other tensor in `dtype`. Raises ValueError naming missing or unexpected tensors."""
     from safetensors import safe_open
 
+    from .modeling_qwen import checkpoint_weight_files
+
     directory = Path(directory)
+    files = checkpoint_weight_files(directory)
+    if any(path.suffix != ".safetensors" for path in files):
+        raise ValueError(f"GPTQ checkpoint {directory}: only *.safetensors weights are supported")
     tensors: dict[str, torch.Tensor] = {}
-    for path in _safetensors_files(directory):
+    for path in files:
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
                 tensors[key] = f.get_tensor(key)

@@ -6,6 +6,7 @@ code: it imports only torch, transformers and its sibling files.
 """
 
 import copy
+import json
 import math
 import os
 import re
@@ -738,6 +739,26 @@ def use_cpu_kernels(model: nn.Module) -> int:
     import importlib  # not `from .kernels...`: transformers would look for that file beside remote code
 
     return importlib.import_module("qwen.kernels.linear").use_kernels(model)
+
+
+def checkpoint_weight_files(directory) -> list[Path]:
+    """The weight files of a checkpoint directory: those its index names (safetensors or .bin), else
+    model*.safetensors, else pytorch_model*.bin. Raises ValueError for an unreadable index and
+    FileNotFoundError when there are none."""
+    directory = Path(directory)
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = directory / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise ValueError(f"cannot read {index}: {exc!r}") from exc
+            return [directory / name for name in sorted(set(weight_map.values()))]
+    for pattern in ("model*.safetensors", "pytorch_model*.bin"):
+        files = sorted(directory.glob(pattern))
+        if files:
+            return files
+    raise FileNotFoundError(f"no model*.safetensors or pytorch_model*.bin in {directory}: not a checkpoint directory")
 
 
 def _unreadable_safetensors(directory) -> str:

@@ -611,15 +611,18 @@ def test_vllm_as_the_upstream(vllm_model):
 
             # A client that leaves mid-stream aborts the request in vLLM: its generation stops within a
             # second, where the 900 tokens asked for take it about 15 s on these 2 cores.
+            # A prompt of its own: vLLM's prefix cache would give USER's (asked above) other numerics, and
+            # on random weights another greedy path, possibly one that stops at once.
             generated = _vllm_metric(vllm_url, "generation_tokens_total{")
+            fresh = [{"role": "user", "content": "Tell me a very long story about the sea, the wind and a lighthouse."}]
             with client.chat.completions.with_streaming_response.create(
-                    model="x", messages=USER, max_tokens=900, temperature=0, stream=True) as response:
+                    model="x", messages=fresh, max_tokens=900, temperature=0, stream=True) as response:
                 seen = 0
                 for line in response.iter_lines():
                     seen += '"content"' in line
                     if seen == 3:
                         break
-                assert engine.stats()["running"] == 1
+                assert engine.stats()["running"] == 1, "the reply ended on its own before the client left"
             assert wait_until(lambda: engine.stats()["running"] == 0, timeout=5)
             time.sleep(1.0)
             settled = _vllm_metric(vllm_url, "generation_tokens_total{")

@@ -51,6 +51,7 @@ import torch
 
 from ..configuration_qwen import QWenConfig
 from ..loading import check_chat_checkpoint
+from ..modeling_qwen import checkpoint_weight_files
 from . import run_cli_action
 
 logger = logging.getLogger(__name__)
@@ -167,22 +168,6 @@ def expected_shapes(config: QWenConfig) -> dict[str, tuple[int, ...]]:
 
 
 # ----------------------------------------------------------------------------- reading the weights
-
-
-def _weight_files(src: Path) -> list[Path]:
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = src / index_name
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ValueError(f"cannot read {index}: {exc!r}") from exc
-            return [src / name for name in sorted(set(weight_map.values()))]
-    for pattern in ("model*.safetensors", "pytorch_model*.bin"):
-        files = sorted(src.glob(pattern))
-        if files:
-            return files
-    raise FileNotFoundError(f"no model*.safetensors or pytorch_model*.bin in {src}: not a checkpoint directory")
 
 
 class _Weights:
@@ -388,7 +373,7 @@ def export_gguf(src, out, outtype: str = "f16", force: bool = False, name: str |
     check_chat_checkpoint(str(src), chat=False)  # config.json with model_type "qwen", and qwen.tiktoken
     config = QWenConfig.from_pretrained(src)
     check_exportable(config)
-    files = _weight_files(src)
+    files = checkpoint_weight_files(src)
     sources = [*files, src / "config.json", src / VOCAB_FILE, src / "model.safetensors.index.json",
                src / "pytorch_model.bin.index.json", src / "generation_config.json", src / "tokenizer_config.json"]
     out = check_output(out, sources, force)

@@ -35,6 +35,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from ..configuration_qwen import QWenConfig
+from ..modeling_qwen import checkpoint_weight_files
 from . import run_cli_action
 from .fast_tokenizer import save_fast_tokenizer
 from .output_dir import staged_output
@@ -209,19 +210,6 @@ def to_qwen2(model, dtype: torch.dtype | None = None) -> Qwen2ForCausalLM:
 # ----------------------------------------------------------------------------- on disk
 
 
-def _weight_files(src: Path) -> list[Path]:
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = src / index_name
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return [src / f for f in files]
-    for pattern in ("model*.safetensors", "pytorch_model*.bin"):
-        files = sorted(src.glob(pattern))
-        if files:
-            return files
-    raise FileNotFoundError(f"no model*.safetensors or pytorch_model*.bin in {src}")
-
-
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -241,7 +229,7 @@ def _export_dir(src: Path, out: Path, dtype: torch.dtype | None) -> None:
         generation_config = GenerationConfig.from_pretrained(src)
     qcfg = qwen2_config(config, dtype, generation_config)  # refuses before anything is written
     warn_dropped_features(config)
-    files = _weight_files(src)
+    files = checkpoint_weight_files(src)
     weight_map, total_size, found_dtype = {}, 0, None
     for i, path in enumerate(files, start=1):
         name = "model.safetensors" if len(files) == 1 else f"model-{i:05d}-of-{len(files):05d}.safetensors"
