@@ -34,6 +34,7 @@ SOURCES = ("cache_kernels.cpp", "cache_kernels.cu")
 
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}  # source directory -> extension (or None after a failure)
+_by_checkpoint: dict[str | None, str] = {}  # config._name_or_path -> its source directory (a key of _loaded)
 
 
 def source_dir(config=None) -> Path | None:
@@ -63,6 +64,10 @@ def load(config=None):
     """The built extension (module with `qk` and `pv`), or None when the torch path must run."""
     if not torch.cuda.is_available():
         return _give_up("no CUDA device")
+    # Every attention layer asks on every step: answer from memory, without looking at files again.
+    name = getattr(config, "_name_or_path", None)
+    if name in _by_checkpoint:
+        return _loaded.get(_by_checkpoint[name])
     directory = source_dir(config)
     if directory is None:
         return _give_up(f"the sources {', '.join(SOURCES)} are not beside {__file__} nor in the checkpoint")
@@ -83,6 +88,7 @@ def load(config=None):
                 _loaded[key] = None
                 logger.warning("int8 KV cache: the CUDA kernels could not be built (%s: %s); using the torch path",
                                type(exc).__name__, str(exc).strip().splitlines()[-1] if str(exc).strip() else "")
+        _by_checkpoint[name] = key
         return _loaded[key]
 
 
