@@ -176,7 +176,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2, help="threads for llama.cpp and torch")
     parser.add_argument("--classes", default=",".join(CLASSES), help=f"subset of {','.join(CLASSES)}")
     parser.add_argument("--int4-group", type=int,
-                        help="our int4 group size (default: ours' default, 128; 32 with --shape tiny, whose "
+                        help="our int4 group size (default: ours' default, 64; 32 with --shape tiny, whose "
                              "hidden size 64 no larger group divides)")
     parser.add_argument("--llama-python", default=LLAMA_PYTHON, help="python of the llama-cpp-python virtualenv")
     parser.add_argument("--work-dir", help="keep the checkpoint and GGUF files here (reused when present)")

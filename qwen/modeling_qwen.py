@@ -306,12 +306,20 @@ class QWenCache(DynamicCache):
 
 
 class QWenRMSNorm(nn.Module):
+    # qwen.kernels when its CPU decode ops are switched on for this model (qwen.kernels.linear.use_kernels;
+    # never as remote code), used for 16-bit activations; None: torch only.
+    _cpu_ops = None
+
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._cpu_ops is not None and x.dtype != torch.float32:
+            y = self._cpu_ops.rms_norm(x, self.weight, self.eps)  # one call, torch's roundings
+            if y is not None:
+                return y
         # Normalise in fp32, cast back, then scale (the weight multiplies after the cast).
         x32 = x.float()
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
@@ -330,6 +338,8 @@ class QWenMLP(nn.Module):
 
 
 class QWenAttention(nn.Module):
+    _cpu_ops = None  # as QWenRMSNorm._cpu_ops: rotary and few-query attention in one call each
+
     def __init__(self, config: QWenConfig, layer_idx: int):
         super().__init__()
         self.config = config
@@ -344,10 +354,17 @@ class QWenAttention(nn.Module):
 
     def forward(self, hidden_states, rotary, logn, bias, causal, cache=None, output_attentions=False):
         batch, length, _ = hidden_states.shape
-        q, k, v = self.c_attn(hidden_states).split(self.config.hidden_size, dim=2)
-        q, k, v = (t.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        qkv = self.c_attn(hidden_states)
         cos, sin = rotary
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        ops = self._cpu_ops if qkv.dtype != torch.float32 else None
+        rotated = ops.rotary_qk(qkv, cos, sin, self.num_heads, self.head_dim) if ops is not None else None
+        if rotated is not None:  # bit for bit apply_rotary's result
+            q, k = rotated
+            v = qkv[..., 2 * self.config.hidden_size :].view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        else:
+            q, k, v = qkv.split(self.config.hidden_size, dim=2)
+            q, k, v = (t.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
         int8 = None  # (extension, keys, values) for the int8-cache CUDA kernels
         if cache is not None and self.config.use_cache_kernel and q.is_cuda and isinstance(cache, QWenCache) \
@@ -371,7 +388,14 @@ class QWenAttention(nn.Module):
         elif uses_manual_attention(self.config, output_attentions):
             out, weights = self._eager(q, k, v, bias, causal)
         else:
-            out, weights = self._fast(q, k, v, bias, causal), None
+            weights = None
+            # A decode step (a few new queries over the cache): our CPU kernel, in fp32 throughout,
+            # several times faster than torch's scaled_dot_product_attention at these shapes.
+            few = ops is not None and not (self.training and self.config.attn_dropout_prob > 0)
+            out = ops.attention(q, k, v, bias, causal) if few and length <= 16 else None
+            if out is not None:
+                return self.c_proj(out), weights
+            out = self._fast(q, k, v, bias, causal)
         out = out.transpose(1, 2).reshape(batch, length, self.config.hidden_size)
         return self.c_proj(out), weights
 

@@ -187,6 +187,13 @@ class _QuantizedLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):
+            # The decode step, first and with the fewest Python steps: qwen.kernels takes [..., K] as is.
+            kernels = _own_kernels(self._KERNEL_WEIGHT)
+            if kernels is not None and x.numel() <= kernels.MAX_ROWS * self.in_features:
+                y = self._own_call(kernels, x)
+                if y is not None:
+                    return y
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if torch.is_grad_enabled() and x.requires_grad:
@@ -495,12 +502,20 @@ class Int4Linear(_QuantizedLinear):
 def _own_kernels(weight: torch.Tensor):
     """The qwen.kernels module when its CPU kernels run in this process for a CPU weight, else None
     (remote code never imports the qwen package: there the layers use torch's kernels)."""
-    if __package__ != "qwen" or weight.device.type != "cpu":
+    if weight.device.type != "cpu":
         return None
-    import importlib  # not `from .kernels`: transformers would look for that file beside remote code
+    if not _KERNELS:  # resolved once per process (every layer asks on every call)
+        kernels = None
+        if __package__ == "qwen":
+            import importlib  # not `from .kernels`: transformers would look for that file beside remote code
 
-    kernels = importlib.import_module("qwen.kernels")
-    return kernels if kernels.backend() != "torch" else None
+            kernels = importlib.import_module("qwen.kernels")
+            kernels = kernels if kernels.backend() != "torch" else None
+        _KERNELS.append(kernels)
+    return _KERNELS[0]
+
+
+_KERNELS: list = []  # [qwen.kernels or None] once _own_kernels has looked
 
 
 def _check_group_size(group_size) -> int:

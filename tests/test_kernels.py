@@ -358,7 +358,8 @@ def test_build_failure_falls_back_to_torch(built, tmp_path, failure):
         broken = tmp_path / "broken"
         broken.mkdir()
         (broken / "cpu_gemv.cpp").write_text("this is not C++;\n")
-        (broken / "cpu_qgemv.cpp").write_text((REPO_ROOT / "qwen" / "kernels" / "cpu_qgemv.cpp").read_text())
+        for other in ("cpu_qgemv.cpp", "cpu_ops.cpp"):
+            (broken / other).write_text((REPO_ROOT / "qwen" / "kernels" / other).read_text())
     result = run_child(broken, **env)
     assert result["backend"] == "torch"
     problems = [r for r in result["records"] if r[0] in ("WARNING", "ERROR")] + result["warnings"]

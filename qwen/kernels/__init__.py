@@ -74,13 +74,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MAX_ROWS", "backend", "gemv", "int4_gemv", "int8_gemv", "supports", "supports_int4", "supports_int8"]
+__all__ = [
+    "MAX_ROWS", "attention", "backend", "gemv", "int4_gemv", "int8_gemv", "rms_norm", "rotary_qk", "supports",
+    "supports_int4", "supports_int8",
+]
 
 logger = logging.getLogger("qwen.kernels")
 
 MAX_ROWS = 16  # activation rows per call; above it a matmul is compute bound and F.linear is the better kernel
 
-_SOURCES = ("cpu_gemv.cpp", "cpu_qgemv.cpp")
+_SOURCES = ("cpu_gemv.cpp", "cpu_qgemv.cpp", "cpu_ops.cpp")
 _CFLAGS = ("-O3",)
 _NAMES = {0: "torch", 1: "avx2", 2: "avx512", 3: "avx512_bf16"}
 _LEVELS = {name: level for level, name in _NAMES.items()}
@@ -231,6 +234,60 @@ def _gemv_at(x, weight, bias, level: int) -> torch.Tensor:
     if _ext is None or not 1 <= level <= _cpu_level:
         raise RuntimeError(f"kernel level {level} is not available here (CPU offers {_NAMES[_cpu_level]})")
     y = _ext.gemv(x, weight, bias, level)
+    if y is None:
+        raise ValueError("these tensors are not supported by the kernel")
+    return y
+
+
+# ----------------------------------------------------------------------------- decode-step ops (cpu_ops.cpp)
+
+
+def _recording(*tensors) -> bool:
+    """Whether autograd would record an op on these tensors (the ops below know no backward)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
+              causal: bool = False, scale: float | None = None) -> torch.Tensor | None:
+    """softmax(q @ k^T * scale + bias) @ v for q [B, H, T, d] with T <= MAX_ROWS new queries over
+    k, v [B, H, L, d] (views of a cache are fine: any strides but the last), as [B, T, H * d] in q's
+    dtype; bias: additive [B|1, H|1, T, L] or None; causal (without bias): query t sees keys up to
+    L - T + t. Scores, softmax and sums in fp32 (keys and values widened exactly), one rounding at
+    the end. None where it does not run (the caller uses torch)."""
+    if not _ready:
+        _ensure()
+    if not _level or type(q) not in _PLAIN or _recording(q, k, v, bias):
+        return None
+    return _ext.attention(q, k, v, bias, bool(causal), float(q.shape[-1] ** -0.5 if scale is None else scale), _level)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """QWenRMSNorm: x * rsqrt(mean(x^2) + eps) in fp32, rounded to x's dtype, times weight (same
+    dtype as x), rounded again: torch's roundings, only the mean's summation order differs. None
+    where it does not run."""
+    if not _ready:
+        _ensure()
+    if not _level or type(x) not in _PLAIN or _recording(x, weight):
+        return None
+    return _ext.rms_norm(x, weight, float(eps))
+
+
+def rotary_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
+              head_dim: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(q, k) [B, heads, T, head_dim] from c_attn's output qkv [B, T, 3 * heads * head_dim], rotated
+    by cos/sin fp32 [B|1, 1, T, rot] exactly as modeling_qwen.apply_rotary does (bit for bit). None
+    where it does not run."""
+    if not _ready:
+        _ensure()
+    if not _level or type(qkv) not in _PLAIN or _recording(qkv):
+        return None
+    return _ext.rotary_qk(qkv, cos, sin, int(heads), int(head_dim))
+
+
+def _attention_at(q, k, v, bias, causal, scale, level: int) -> torch.Tensor:
+    """Tests: attention through the path `level`, whatever the caps say."""
+    _check_level(level)
+    y = _ext.attention(q, k, v, bias, causal, scale, level)
     if y is None:
         raise ValueError("these tensors are not supported by the kernel")
     return y

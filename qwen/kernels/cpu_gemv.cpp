@@ -652,6 +652,7 @@ std::optional<at::Tensor> gemv(const at::Tensor& x_in, const at::Tensor& w, cons
 namespace qwen_kernels {
 int64_t cpu_isa() { return ::cpu_isa(); }
 void bind_quantized(pybind11::module_& m);  // cpu_qgemv.cpp
+void bind_ops(pybind11::module_& m);        // cpu_ops.cpp
 }  // namespace qwen_kernels
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -664,4 +665,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "y = x @ w.T (+ bias) for small M, or None when not supported", py::arg("x"), py::arg("w"),
         py::arg("bias"), py::arg("isa"), py::call_guard<py::gil_scoped_release>());
   qwen_kernels::bind_quantized(m);
+  qwen_kernels::bind_ops(m);
 }

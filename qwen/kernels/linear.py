@@ -6,7 +6,10 @@
 Every `nn.Linear` of the model whose weight is bf16 or fp16 on the CPU becomes a `KernelLinear`: the
 same module (same parameters, state dict, `isinstance(m, nn.Linear)`), whose forward sends calls of
 up to `MAX_ROWS` activation rows without autograd (decoding) to `qwen.kernels.gemv` and everything
-else (prefill, training) to `F.linear`. `QWEN_KERNELS=off` keeps torch's numerics everywhere.
+else (prefill, training) to `F.linear`. The model's RMSNorm and attention modules (those with a
+`_cpu_ops` class attribute) get the decode-step ops of cpu_ops.cpp (RMSNorm, rotary, few-query
+attention), which they use for 16-bit CPU activations. `QWEN_KERNELS=off` keeps torch's numerics
+everywhere.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import kernels
 from . import backend, gemv
 
 
@@ -29,6 +33,8 @@ def use_kernels(model: nn.Module) -> int:
         return 0
     swapped = 0
     for module in model.modules():
+        if hasattr(type(module), "_cpu_ops"):  # RMSNorm and attention: our decode-step ops (cpu_ops.cpp)
+            module._cpu_ops = kernels
         weight = getattr(module, "weight", None)
         if (
             type(module) is nn.Linear
@@ -45,6 +51,8 @@ def use_torch(model: nn.Module) -> int:
     numerics, e.g. to compare bit for bit with the original); returns how many were swapped back."""
     swapped = 0
     for module in model.modules():
+        if "_cpu_ops" in vars(module):
+            del module._cpu_ops
         if type(module) is KernelLinear:
             module.__class__ = nn.Linear
             swapped += 1

@@ -1,0 +1,163 @@
+"""The decode-step ops of qwen/kernels/cpu_ops.cpp (attention over the cache for a few new queries,
+RMSNorm, rotary) on every vector path this CPU offers, against float64 references or torch's own
+ops, and their use by the model."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qwen
+from qwen import kernels
+from qwen.kernels.linear import use_kernels, use_torch
+from qwen.modeling_qwen import QWenAttention, QWenRMSNorm, apply_rotary
+from qwen.tools.tiny_checkpoint import build
+
+from test_kernels import OFFERED
+
+ON = kernels.backend() != "torch"
+needs_kernels = pytest.mark.skipif(not ON, reason="qwen.kernels does not run here (QWEN_KERNELS=off or no build)")
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def reference(q, k, v, bias=None, causal=False):
+    """float64 attention, [B, T, H * d]."""
+    B, H, T, d = q.shape
+    scores = q.double() @ k.double().transpose(-1, -2) / math.sqrt(d)
+    if bias is not None:
+        scores = scores + bias.double()
+    if causal:
+        L = k.shape[2]
+        allowed = torch.arange(L)[None, :] <= torch.arange(T)[:, None] + (L - T)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ v.double()
+    return out.transpose(1, 2).reshape(B, T, H * d)
+
+
+def bound(dtype, want):
+    """The output is rounded once to `dtype`: half an ulp of the largest value, plus fp32 slack."""
+    return (torch.finfo(dtype).eps if dtype != torch.float32 else 1e-6) * (want.abs().max().item() + 1)
+
+
+# (B, H, T, L, d): a decode step of Qwen's head size; several queries; head sizes not a multiple
+# of 8 or 16 lanes; one key; as many queries as the kernel takes.
+SHAPES = [(1, 16, 1, 80, 128), (2, 3, 5, 37, 20), (1, 2, 16, 16, 7), (3, 1, 1, 1, 33), (1, 4, 16, 300, 64)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("level", OFFERED)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_attention_matches_float64(level, dtype, shape):
+    B, H, T, L, d = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    q = torch.randn(B, H, T, d, generator=g).to(dtype)
+    # keys and values as views of a larger cache buffer (capacity beyond the cached length)
+    k = torch.randn(B, H, L + 9, d, generator=g).to(dtype)[:, :, :L]
+    v = torch.randn(B, H, L + 9, d, generator=g).to(dtype)[:, :, :L]
+    want = reference(q, k, v)
+    got = kernels._attention_at(q, k, v, None, False, d ** -0.5, level)
+    assert got.dtype == dtype and got.shape == (B, T, H * d)
+    assert (got.double() - want).abs().max().item() <= bound(dtype, want)
+
+    bias = torch.randn(B, 1, T, L, generator=g) * 4  # broadcast over heads
+    bias[..., 0] = torch.finfo(torch.float32).min  # a masked key, as the serving engine's bias has
+    want = reference(q, k, v, bias)
+    got = kernels._attention_at(q, k, v, bias.to(dtype) if dtype != torch.float32 else bias, False, d ** -0.5, level)
+    assert (got.double() - want).abs().max().item() <= bound(dtype, want) * 2
+
+    if T <= L:
+        want = reference(q, k, v, causal=True)
+        got = kernels._attention_at(q, k, v, None, True, d ** -0.5, level)
+        assert (got.double() - want).abs().max().item() <= bound(dtype, want)
+
+
+@needs_kernels
+def test_attention_declines_what_it_does_not_take():
+    q = torch.randn(1, 2, 17, 8, dtype=torch.bfloat16)  # more queries than MAX_ROWS
+    k = torch.randn(1, 2, 20, 8, dtype=torch.bfloat16)
+    assert kernels.attention(q, k, k) is None
+    q = torch.randn(1, 2, 1, 8, dtype=torch.bfloat16)
+    assert kernels.attention(q, k.float(), k.float()) is None  # mixed dtypes
+    assert kernels.attention(q, k, k, bias=torch.zeros(1, 1, 1, 19)) is None  # wrong bias length
+    leaf = q.clone().requires_grad_()
+    assert kernels.attention(leaf, k, k) is None  # autograd would have nothing to record with
+    with torch.no_grad():
+        assert kernels.attention(leaf, k, k) is not None
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_rounds_as_torch(dtype):
+    norm = QWenRMSNorm(2048, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_(generator=torch.Generator().manual_seed(1))
+        x = torch.randn(5, 3, 2048, generator=torch.Generator().manual_seed(2)).to(dtype) * 3
+        want = norm(x)
+        got = kernels.rms_norm(x, norm.weight, 1e-6)
+    assert got.dtype == dtype and got.shape == x.shape
+    # Only the summation order of the mean differs: in 16 bits one rounding step apart, rarely (in
+    # fp32 a row's factor may differ in its last bit, and with it the whole row).
+    diff = (got.float() - want.float()).abs()
+    ulp = torch.finfo(dtype).eps * want.float().abs().clamp_min(torch.finfo(dtype).tiny)
+    assert (diff <= 2 * ulp).all()
+    if dtype != torch.float32:
+        assert (diff == 0).float().mean() > 0.99
+    assert kernels.rms_norm(x, norm.weight.float() if dtype != torch.float32 else norm.weight.half(), 1e-6) is None
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rot", [32, 16])  # full rotary, and rotary_pct < 1 (the rest copied)
+def test_rotary_qk_equals_apply_rotary_bit_for_bit(dtype, rot):
+    B, T, H, d = 2, 3, 2, 32
+    g = torch.Generator().manual_seed(rot)
+    qkv = torch.randn(B, T, 3 * H * d, generator=g).to(dtype)
+    for rows in (B, 1):  # per-row tables (the serving engine) and one shared table
+        cos, sin = torch.randn(rows, 1, T, rot, generator=g), torch.randn(rows, 1, T, rot, generator=g)
+        q, k, _ = (t.view(B, T, H, d).transpose(1, 2) for t in qkv.split(H * d, dim=2))
+        got_q, got_k = kernels.rotary_qk(qkv, cos, sin, H, d)
+        assert torch.equal(got_q, apply_rotary(q, cos, sin)) and torch.equal(got_k, apply_rotary(k, cos, sin))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("ops") / "chat", chat=True, dtype="bfloat16")
+
+
+@needs_kernels
+def test_the_model_uses_the_ops_and_use_torch_removes_them(checkpoint):
+    model = qwen.QWenLMHeadModel.from_pretrained(checkpoint, dtype="bfloat16")
+    ops_modules = [m for m in model.modules() if isinstance(m, (QWenRMSNorm, QWenAttention))]
+    assert ops_modules and all(m._cpu_ops is kernels for m in ops_modules)
+    use_torch(model)
+    assert all(m._cpu_ops is None for m in ops_modules)
+    use_kernels(model)
+    assert all(m._cpu_ops is kernels for m in ops_modules)
+
+
+@needs_kernels
+def test_generation_with_the_ops_follows_torch(checkpoint):
+    """Greedy decoding (prefill on torch, decode steps through the ops): the first tokens agree with
+    the torch-only model (tiny random weights: later near-ties may differ in 16-bit)."""
+    model = qwen.QWenLMHeadModel.from_pretrained(checkpoint, dtype="bfloat16")
+    reference = qwen.QWenLMHeadModel.from_pretrained(checkpoint, dtype="bfloat16")
+    use_torch(reference)
+    ids = torch.randint(0, 151000, (2, 20), generator=torch.Generator().manual_seed(3))  # > 16: a torch prefill
+    calls = []
+    real = kernels._ext.attention
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    kernels._ext.attention = counting
+    try:
+        got = model.generate(ids, max_new_tokens=8, do_sample=False)
+    finally:
+        kernels._ext.attention = real
+    want = reference.generate(ids, max_new_tokens=8, do_sample=False)
+    assert len(calls) == 7 * len(model.transformer.h)
+    assert calls and all(shape[2] == 1 for shape in calls)  # decode steps only: the prefill took torch's
+    assert torch.equal(got[:, : 20 + 4], want[:, : 20 + 4])
