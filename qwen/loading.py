@@ -175,14 +175,16 @@ def check_chat_checkpoint(source: str, chat: bool = True) -> None:
         )
 
 
-DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
+DTYPE_CHOICES = ("auto", "fast", "bfloat16", "float16", "float32")
 
 
 def add_precision_arguments(parser) -> None:
     """--dtype and --quantize, the same on every front end."""
     parser.add_argument(
         "--dtype", choices=DTYPE_CHOICES, default="auto",
-        help="weights and activations (default: auto, the checkpoint's bf16/fp16/fp32 flags or their auto rule)",
+        help="weights and activations (default: auto, the checkpoint's bf16/fp16/fp32 flags or their auto rule, "
+             "fp32 on a CPU as in the original; fast: the fastest 16-bit dtype for this machine, bf16 on GPUs and "
+             "CPUs with native bf16, else fp16)",
     )
     parser.add_argument(
         "--quantize", type=_quantization, metavar="{int8,int4,int4:GROUP}",
@@ -272,7 +274,11 @@ def load_model(path: str, cpu_only: bool = False, chat: bool = True, path_option
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         options = {"device_map": device_map}
-        if dtype not in (None, "auto"):
+        if dtype == "fast":  # resolved here: transformers' Auto classes take torch dtype names only
+            from .modeling_qwen import fast_dtype
+
+            options["dtype"] = fast_dtype(on_cuda=device_map != "cpu")
+        elif dtype not in (None, "auto"):
             options["dtype"] = dtype
         if quantization:
             options["quantization"] = quantization

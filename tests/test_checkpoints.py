@@ -404,7 +404,7 @@ def test_shape_mismatch_is_an_error_naming_the_tensor(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["nonsense", "int8", 3])
 def test_bad_dtype_is_a_clear_error(dtype):
-    with pytest.raises(ValueError, match=r"dtype must be 'auto' or a floating torch dtype"):
+    with pytest.raises(ValueError, match=r"dtype must be 'auto', 'fast' or a floating torch dtype .*, got " + repr(dtype)):
         load(GOLDEN / "tiny_default", dtype=dtype)
 
 

@@ -10,6 +10,7 @@ from helpers import edit_json, free_port
 from qwen.loading import (
     CheckpointError,
     CheckpointNotFoundError,
+    add_precision_arguments,
     check_chat_checkpoint,
     error_text,
     hub_unreachable_reason,
@@ -202,3 +203,33 @@ def test_quantize_help_states_the_real_default_group_size():
     add_precision_arguments(parser)
     assert f"default {DEFAULT_GROUP_SIZE})" in " ".join(parser.format_help().split())
     assert parse_quantization("int4") == ("int4", DEFAULT_GROUP_SIZE)
+
+
+# -- dtype="fast" ---------------------------------------------------------------------------
+
+
+def test_fast_dtype_picks_the_16_bit_type_this_cpu_multiplies_natively(checkpoints, monkeypatch):
+    import torch
+
+    from qwen import QWenLMHeadModel
+    from qwen.modeling_qwen import fast_dtype
+
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    expected = torch.bfloat16 if native else torch.float16
+    model, _ = load_chat_model(checkpoints["chat"], cpu_only=True, dtype="fast")
+    assert model.dtype == expected and (model.config.bf16, model.config.fp16) == (native, not native)
+    assert QWenLMHeadModel.from_pretrained(checkpoints["chat"], dtype="fast", device_map="cpu").dtype == expected
+    # torch's kernels capped below AVX-512 (as on an AVX2-only CPU): bf16 products are emulated there
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert fast_dtype(on_cuda=False) == torch.float16
+    with pytest.raises(ValueError, match="'auto', 'fast' or a floating torch dtype"):
+        QWenLMHeadModel.from_pretrained(checkpoints["chat"], dtype="fastest")
+
+
+def test_the_front_ends_take_dtype_fast():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_precision_arguments(parser)
+    assert parser.parse_args(["--dtype", "fast"]).dtype == "fast"
+    assert "fast: the fastest 16-bit dtype" in " ".join(parser.format_help().split())
