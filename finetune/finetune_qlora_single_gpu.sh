@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Q-LoRA (LoRA on a GPTQ Int4 checkpoint) in one process, without DeepSpeed; `--help` for the options.
 #   bash finetune/finetune_qlora_single_gpu.sh -m Qwen/Qwen-7B-Chat-Int4 -d data.json
-# Needs a GPTQ backend that can train (see finetune/README.md); fp16, as in the original.
+# No GPTQ library needed (finetune/README.md, "Q-LoRA"); fp16, as in the original (bf16 under DeepSpeed on a CPU).
 source "$(dirname "$0")/launch.sh"
 MODEL="Qwen/Qwen-7B-Chat-Int4"
 DATA="path_to_data"

@@ -221,3 +221,14 @@ def test_q_lora_trains_on_a_gptq_checkpoint_and_merges_into_the_float_base(data_
     tuned = QWenLMHeadModel.from_pretrained(merged, dtype=torch.float32).eval()
     base = QWenLMHeadModel.from_pretrained(float_dir, dtype=torch.float32).eval()
     assert not torch.allclose(logits(tuned), logits(base), atol=1e-3)  # the adapter changed the model
+
+
+def test_fp16_becomes_bf16_under_deepspeed_on_the_cpu(caplog):
+    """DeepSpeed's CPU accelerator has no fp16: the Q-LoRA launchers' --fp16 True turns into bf16, said once."""
+    from qwen.finetune.train import _fp16_to_bf16
+
+    with caplog.at_level("WARNING"):
+        assert _fp16_to_bf16(["--fp16", "True", "--lr", "1"]) == ["--bf16", "True", "--lr", "1"]
+        assert _fp16_to_bf16(["--fp16=true"]) == ["--bf16=True"]
+    assert caplog.text.count("training in bf16 instead") == 2
+    assert _fp16_to_bf16(["--fp16", "False", "--bf16", "True"]) == ["--fp16", "False", "--bf16", "True"]

@@ -120,6 +120,8 @@ def prepare_environment(argv: list[str]) -> list[str]:
             argv += ["--use_cpu", "True"]  # else --bf16 and DeepSpeed's batch-size check refuse the CPU
     if not any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in argv):
         return argv
+    if not cuda:
+        argv = _fp16_to_bf16(argv)
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -173,6 +175,25 @@ def resolve_resume(value, output_dir: str):
     if not os.path.isdir(value):
         raise FinetuneError(f"--resume_from_checkpoint {value}: no such directory")
     return value
+
+
+def _fp16_to_bf16(argv: list[str]) -> list[str]:
+    """--fp16 True -> --bf16 True: DeepSpeed's CPU accelerator has no fp16 ("Type fp16 is not supported
+    on your device"); the Q-LoRA launchers ask for fp16, as the original does on GPUs."""
+    out, i, changed = [], 0, False
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--fp16" and i + 1 < len(argv) and argv[i + 1].lower() in ("true", "1", "yes"):
+            out += ["--bf16", "True"]
+            i, changed = i + 2, True
+            continue
+        if arg.lower() in ("--fp16=true", "--fp16=1", "--fp16=yes"):
+            arg, changed = "--bf16=True", True
+        out.append(arg)
+        i += 1
+    if changed:
+        logger.warning("--fp16 with DeepSpeed on the CPU: its CPU accelerator has no fp16, training in bf16 instead")
+    return out
 
 
 def load_dtype(training_args, lora: bool):

@@ -4,7 +4,8 @@ finetune/*.sh run exactly as a user runs them on a GPU cluster; here, without CU
 DeepSpeed's CPU accelerator with gloo and torchrun with 2 processes. Tiny random checkpoints with the
 real vocabulary; nothing is mocked. Checked: LoRA on ZeRO-2 (2 processes, a base model, so wte and
 lm_head train too), full fine-tuning on ZeRO-3 (2 processes, weights gathered at save), the
-single-process LoRA script, resuming an interrupted run, and the launchers' errors. A multi-process
+single-process LoRA script, both Q-LoRA scripts on a GPTQ Int4 checkpoint, resuming an interrupted
+run, and the launchers' errors. A multi-process
 CPU run sometimes aborts at teardown after saving (see finetune/launch.sh): the tests check what was
 saved, not only the exit status.
 """
@@ -195,3 +196,39 @@ def test_launcher_errors(data_path, tmp_path, args, message):
 def test_launcher_help():
     proc = launch("finetune_ds.sh", "--help", cwd=ROOT, timeout=60)
     assert proc.returncode == 0 and "--master_port" in proc.stdout and "DS_ACCELERATOR" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def gptq_dir(tmp_path_factory):
+    """A GPTQ Int4 checkpoint in the published layout, and the float one it was quantized from."""
+    from helpers import quantizable_checkpoint
+    from test_gptq import write_gptq
+
+    root = tmp_path_factory.mktemp("gptq")
+    float_dir = quantizable_checkpoint(root / "float", dtype="float32")
+    write_gptq(float_dir, root / "int4")
+    return root / "int4", float_dir
+
+
+@pytest.mark.parametrize("script, processes", [("finetune_qlora_single_gpu.sh", 1), ("finetune_qlora_ds.sh", 2)])
+def test_q_lora_scripts(gptq_dir, data_path, tmp_path, script, processes):
+    """The Q-LoRA launchers as they are (fp16; under DeepSpeed on the CPU, bf16 with a warning): the
+    loss goes down and the adapter merges into the float model the checkpoint came from."""
+    int4_dir, float_dir = gptq_dir
+    out = tmp_path / "qlora"
+    proc = launch(script, "-m", int4_dir, "-d", data_path, "-o", out, "--master_port", free_port(),
+                  "--", *SMALL, "--max_steps", "6", "--learning_rate", "5e-2", cwd=tmp_path)
+    assert_ok(proc)
+    assert ("training in bf16 instead" in proc.stderr) == (processes == 2)
+    history = losses(out)
+    assert len(history) == 6 and min(history[3:]) < history[0] - 0.3, history
+    assert epochs(out) == 6 * processes / 2  # 4 records, batch 2 per process
+    merged = tmp_path / "merged"
+    done = subprocess.run([sys.executable, "-m", "qwen.tools.merge_lora", str(out), str(merged), "--base",
+                           str(float_dir)], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    from qwen import QWenLMHeadModel
+
+    tuned = QWenLMHeadModel.from_pretrained(merged, dtype=torch.float32).eval()
+    base = QWenLMHeadModel.from_pretrained(float_dir, dtype=torch.float32).eval()
+    assert (logits(tuned) - logits(base)).abs().max() > 1e-3
