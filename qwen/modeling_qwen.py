@@ -375,7 +375,8 @@ class QWenAttention(nn.Module):
         rotated = ops.rotary_qk(qkv, cos, sin, self.num_heads, self.head_dim) if ops is not None else None
         if rotated is not None:  # bit for bit apply_rotary's result
             q, k = rotated
-            v = qkv[..., 2 * self.config.hidden_size :].view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+            v = qkv[..., 2 * self.config.hidden_size :].view(batch, length, self.num_heads, self.head_dim)
+            v = v.transpose(1, 2)
         else:
             q, k, v = qkv.split(self.config.hidden_size, dim=2)
             q, k, v = (t.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
@@ -859,7 +860,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         torch_dtype = kwargs.pop("torch_dtype", None)
         dtype = dtype if dtype is not None else torch_dtype
         device_map = kwargs.get("device_map")
-        on_cpu = device_map in ("cpu", {"": "cpu"}) or (isinstance(device_map, torch.device) and device_map.type == "cpu")
+        on_cpu = device_map in ("cpu", {"": "cpu"}) or getattr(device_map, "type", None) == "cpu"
         dtype = _parse_dtype(dtype, on_cuda=torch.cuda.is_available() and not on_cpu)
         if dtype is None:
             dtype = resolve_precision(config)
