@@ -11,6 +11,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -320,10 +321,16 @@ class QWenCache(DynamicCache):
 # ----------------------------------------------------------------------------- modules
 
 
+def _cpu_ops():
+    """qwen.kernels, for the modules whose `_cpu_ops` flag qwen.kernels.linear.use_kernels set (it
+    imported it; as remote code nothing sets the flag). A flag, not the module, is stored on them:
+    models stay deep-copyable and picklable."""
+    return sys.modules.get("qwen.kernels")
+
+
 class QWenRMSNorm(nn.Module):
-    # qwen.kernels when its CPU decode ops are switched on for this model (qwen.kernels.linear.use_kernels;
-    # never as remote code), used for 16-bit activations; None: torch only.
-    _cpu_ops = None
+    # Set by qwen.kernels.linear.use_kernels: our CPU decode-step ops for 16-bit activations.
+    _cpu_ops = False
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -331,8 +338,8 @@ class QWenRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._cpu_ops is not None and x.dtype != torch.float32:
-            y = self._cpu_ops.rms_norm(x, self.weight, self.eps)  # one call, torch's roundings
+        if self._cpu_ops and x.dtype != torch.float32:
+            y = _cpu_ops().rms_norm(x, self.weight, self.eps)  # one call, torch's roundings
             if y is not None:
                 return y
         # Normalise in fp32, cast back, then scale (the weight multiplies after the cast).
@@ -353,7 +360,7 @@ class QWenMLP(nn.Module):
 
 
 class QWenAttention(nn.Module):
-    _cpu_ops = None  # as QWenRMSNorm._cpu_ops: rotary and few-query attention in one call each
+    _cpu_ops = False  # as QWenRMSNorm._cpu_ops: rotary and few-query attention in one call each
 
     def __init__(self, config: QWenConfig, layer_idx: int):
         super().__init__()
@@ -371,7 +378,7 @@ class QWenAttention(nn.Module):
         batch, length, _ = hidden_states.shape
         qkv = self.c_attn(hidden_states)
         cos, sin = rotary
-        ops = self._cpu_ops if qkv.dtype != torch.float32 else None
+        ops = _cpu_ops() if self._cpu_ops and qkv.dtype != torch.float32 else None
         rotated = ops.rotary_qk(qkv, cos, sin, self.num_heads, self.head_dim) if ops is not None else None
         if rotated is not None:  # bit for bit apply_rotary's result
             q, k = rotated

@@ -2,7 +2,9 @@
 RMSNorm, rotary) on every vector path this CPU offers, against float64 references or torch's own
 ops, and their use by the model."""
 
+import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -130,11 +132,14 @@ def checkpoint(tmp_path_factory):
 def test_the_model_uses_the_ops_and_use_torch_removes_them(checkpoint):
     model = qwen.QWenLMHeadModel.from_pretrained(checkpoint, dtype="bfloat16")
     ops_modules = [m for m in model.modules() if isinstance(m, (QWenRMSNorm, QWenAttention))]
-    assert ops_modules and all(m._cpu_ops is kernels for m in ops_modules)
+    assert ops_modules and all(m._cpu_ops for m in ops_modules)
+    copied = copy.deepcopy(model)  # a flag, not the extension module, is kept on the modules
+    assert all(m._cpu_ops for m in copied.modules() if isinstance(m, (QWenRMSNorm, QWenAttention)))
+    pickle.loads(pickle.dumps(model))
     use_torch(model)
-    assert all(m._cpu_ops is None for m in ops_modules)
+    assert not any(m._cpu_ops for m in ops_modules)
     use_kernels(model)
-    assert all(m._cpu_ops is kernels for m in ops_modules)
+    assert all(m._cpu_ops for m in ops_modules)
 
 
 @needs_kernels
