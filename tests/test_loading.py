@@ -214,6 +214,7 @@ def test_fast_dtype_picks_the_16_bit_type_this_cpu_multiplies_natively(checkpoin
     from qwen import QWenLMHeadModel
     from qwen.modeling_qwen import fast_dtype
 
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)  # the choice as on this CPU uncapped (checked below)
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     expected = torch.bfloat16 if native else torch.float16
     model, _ = load_chat_model(checkpoints["chat"], cpu_only=True, dtype="fast")
