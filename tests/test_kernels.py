@@ -358,7 +358,7 @@ def test_build_failure_falls_back_to_torch(built, tmp_path, failure):
         broken = tmp_path / "broken"
         broken.mkdir()
         (broken / "cpu_gemv.cpp").write_text("this is not C++;\n")
-        for other in ("cpu_qgemv.cpp", "cpu_ops.cpp"):
+        for other in ("cpu_qgemv.cpp", "cpu_ops.cpp", "common.h"):
             (broken / other).write_text((REPO_ROOT / "qwen" / "kernels" / other).read_text())
     result = run_child(broken, **env)
     assert result["backend"] == "torch"
@@ -595,3 +595,15 @@ def test_int4_int8_activations_within_bound(built, group):
     full = kernels._int4_at(x, packed, scales, mins, group, b, 3, exact=False)
     for i in range(13):
         assert torch.equal(kernels._int4_at(x[i:i + 1], packed, scales, mins, group, b, 3, exact=False), full[i:i + 1])
+
+
+def test_every_kernel_source_ships_in_the_package():
+    """The extension is built from the installed package's files: pyproject's package-data must
+    cover each source and header the build reads."""
+    import fnmatch
+    import tomllib
+
+    globs = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["qwen"]
+    for name in kernels._SOURCES + kernels._HEADERS:
+        assert any(fnmatch.fnmatch(f"kernels/{name}", g) for g in globs), name
+        assert (REPO_ROOT / "qwen" / "kernels" / name).is_file()

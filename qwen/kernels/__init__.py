@@ -97,6 +97,7 @@ logger = logging.getLogger("qwen.kernels")
 MAX_ROWS = 16  # activation rows per call; above it a matmul is compute bound and F.linear is the better kernel
 
 _SOURCES = ("cpu_gemv.cpp", "cpu_qgemv.cpp", "cpu_ops.cpp")
+_HEADERS = ("common.h",)  # included by the sources: part of the build tag
 _CFLAGS = ("-O3",)
 _NAMES = {0: "torch", 1: "avx2", 2: "avx512", 3: "avx512_bf16"}
 _LEVELS = {name: level for level, name in _NAMES.items()}
@@ -387,7 +388,7 @@ def _extra_cflags() -> list[str]:
 
 def _tag() -> str:
     digest = hashlib.sha256()
-    for name in _SOURCES:
+    for name in _SOURCES + _HEADERS:
         digest.update(name.encode())
         digest.update((_source_dir() / name).read_bytes())
     for part in (torch.__version__, getattr(torch.version, "git_version", ""), sys.implementation.cache_tag,

@@ -29,6 +29,8 @@
 #include <optional>
 #include <vector>
 
+#include "common.h"
+
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #define QK_X86 1
 #include <cpuid.h>
@@ -56,8 +58,6 @@
 
 namespace {
 
-enum Isa : int64_t { kTorch = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
-enum Kind : int { kNone = 0, kF32 = 1, kBF16 = 2, kF16 = 3 };
 
 // Weight elements a task should cover at least before at::parallel_for hands work to a second
 // thread (64 KiB of weights: waking a thread costs microseconds, so do not split tiny products).
@@ -537,25 +537,6 @@ struct CvtF16x256 {
 #endif  // QK_X86
 
 // ----------------------------------------------------------------------------- entry points
-
-constexpr int64_t kMaxRows = 16;  // activation rows per call (qwen.kernels.MAX_ROWS)
-
-int kind_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return kF32;
-    case at::kBFloat16:
-      return kBF16;
-    case at::kHalf:
-      return kF16;
-    default:
-      return kNone;
-  }
-}
-
-bool plain_cpu(const at::Tensor& t) {
-  return t.defined() && t.is_cpu() && t.layout() == at::kStrided && t.has_storage();
-}
 
 // Whether gemv takes these: x [..., K] and w [N, K] (contiguous) of one dtype, bf16 or fp16, on
 // the CPU, 1..kMaxRows rows, bias absent or [N] fp32/bf16/fp16, and no autograd graph to record.

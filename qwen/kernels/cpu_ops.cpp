@@ -32,6 +32,8 @@
 #include <tuple>
 #include <vector>
 
+#include "common.h"
+
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #define QO_X86 1
 #include <immintrin.h>
@@ -50,29 +52,9 @@ namespace {
 
 using qwen_kernels::cpu_isa;
 
-enum Isa : int64_t { kTorch = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
-enum Kind : int { kNone = 0, kF32 = 1, kBF16 = 2, kF16 = 3 };
 
 constexpr int64_t kMaxQueries = 16;  // new tokens per row that attention takes
 constexpr int64_t kMaxHeadDim = 512;
-
-Kind kind_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return kF32;
-    case at::kBFloat16:
-      return kBF16;
-    case at::kHalf:
-      return kF16;
-    default:
-      return kNone;
-  }
-}
-
-// Autograd is the caller's business (qwen.kernels only calls these with nothing to record).
-bool plain_cpu(const at::Tensor& t) {
-  return t.defined() && t.is_cpu() && t.layout() == at::kStrided && t.has_storage();
-}
 
 inline float to_float(float v) { return v; }
 inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }

@@ -46,6 +46,8 @@
 #include <optional>
 #include <vector>
 
+#include "common.h"
+
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #define QQ_X86 1
 #include <cpuid.h>
@@ -95,10 +97,7 @@ bool has_vnni() {
 #endif
 }
 
-enum Isa : int64_t { kTorch = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
-enum Kind : int { kNone = 0, kF32 = 1, kBF16 = 2, kF16 = 3 };
 
-constexpr int64_t kMaxRows = 16;               // activation rows per call (qwen.kernels.MAX_ROWS)
 constexpr int64_t kMinTaskBytes = int64_t(1) << 15;  // weight bytes a task covers at least
 constexpr int64_t kPrefetchBytes = 8192;       // L2 prefetch distance on the first pass over a tile (M > 1)
 
@@ -781,23 +780,6 @@ struct I4x256 {
 #endif  // QQ_X86
 
 // ----------------------------------------------------------------------------- entry points
-
-int kind_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return kF32;
-    case at::kBFloat16:
-      return kBF16;
-    case at::kHalf:
-      return kF16;
-    default:
-      return kNone;
-  }
-}
-
-bool plain_cpu(const at::Tensor& t) {
-  return t.defined() && t.is_cpu() && t.layout() == at::kStrided && t.has_storage();
-}
 
 bool plain_contiguous(const at::Tensor& t, at::ScalarType type) {
   return plain_cpu(t) && t.scalar_type() == type && t.is_contiguous();
