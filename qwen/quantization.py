@@ -59,7 +59,8 @@ of x and of the output (relative 2^-9 each), well under the weights' own quantiz
   weight bytes vs torch's `_weight_int8pack_mm` 15-22 (1.76x overall; 2.0x at M = 4 and 8); int4
   g64 20-25 GB/s vs torch's `_weight_int4pack_mm_for_cpu` 20-21 GB/s on its 11% smaller copy
   (0.9-1.1x per layer; lm_head 10.8 vs 8.0 GB/s, slow in both; 1.03-1.17x at M = 8). Whole 1.8B model, greedy decode, 2 threads
-  (`bench/decode.py --shape 1_8b --vs-torch-kernels`): int8 13.9 vs 9.2 tok/s, int4 17.6 vs 16.6.
+  (`bench/decode.py --shape 1_8b --vs-torch-kernels`): int8 13.9 vs 9.2 tok/s, int4 17.6 vs 16.6;
+  with the decode-step ops of qwen/kernels/cpu_ops.cpp, 18.0 and 25.2 (`bench/vs_llamacpp.py`).
 * M < `large_m` (24 for int8, 64 for int4) otherwise: torch's weight-only kernels, which read the
   quantized weights directly: int8 `torch._weight_int8pack_mm`, int4 `torch._weight_int4pack_mm_for_cpu`.
   Both are fast only for bfloat16 activations: on 11008x2048 at M = 1 (8) the int8 kernel takes 1.4
