@@ -11,28 +11,11 @@ detect_device
 SINGLE_PROCESS=1
 [[ "$CUDA" == 1 ]] && export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"
 
+# On top of the settings every script shares (launch.sh, run_finetune):
 run_finetune \
-    --model_name_or_path "$MODEL" \
-    --data_path "$DATA" \
     --fp16 True \
-    --output_dir "$OUTPUT_DIR" \
-    --num_train_epochs 5 \
     --per_device_train_batch_size 2 \
-    --per_device_eval_batch_size 1 \
     --gradient_accumulation_steps 8 \
-    --eval_strategy no \
-    --save_strategy steps \
-    --save_steps 1000 \
-    --save_total_limit 10 \
     --learning_rate 3e-4 \
-    --weight_decay 0.1 \
-    --adam_beta2 0.95 \
-    --warmup_steps 0.01 \
-    --lr_scheduler_type cosine \
-    --logging_steps 1 \
-    --report_to none \
-    --model_max_length 512 \
-    --lazy_preprocess True \
     --use_lora True \
-    --q_lora True \
-    --activation_checkpointing True
+    --q_lora True

@@ -69,22 +69,32 @@ detect_device() {
     fi
 }
 
-# run_finetune ARGS...: finetune.py under torchrun (or plain python for the single-device scripts).
+# run_finetune ARGS...: finetune.py under torchrun (or plain python for the single-device scripts)
+# with the settings every script shares (the original's), then the script's ARGS, then the user's
+# arguments after -- (the last value of an option wins).
 run_finetune() {
     local stamp status
+    local shared=(
+        --model_name_or_path "$MODEL" --data_path "$DATA" --output_dir "$OUTPUT_DIR"
+        --num_train_epochs 5 --per_device_eval_batch_size 1
+        --eval_strategy no --save_strategy steps --save_steps 1000 --save_total_limit 10
+        --weight_decay 0.1 --adam_beta2 0.95 --warmup_steps 0.01 --lr_scheduler_type cosine
+        --logging_steps 1 --report_to none --model_max_length 512 --lazy_preprocess True
+        --activation_checkpointing True
+    )
     stamp="$(mktemp)"
     set +e
     if [[ "${SINGLE_PROCESS:-0}" == 1 ]]; then
-        "$PYTHON" "$REPO_DIR/finetune.py" "$@" "${EXTRA_ARGS[@]}"
+        "$PYTHON" "$REPO_DIR/finetune.py" "${shared[@]}" "$@" "${EXTRA_ARGS[@]}"
     else
         "$PYTHON" -m torch.distributed.run --nproc_per_node "$GPUS_PER_NODE" --nnodes "${NNODES:-1}" \
             --node_rank "${NODE_RANK:-0}" --master_addr "${MASTER_ADDR:-localhost}" \
-            --master_port "${MASTER_PORT:-6001}" "$REPO_DIR/finetune.py" "$@" "${EXTRA_ARGS[@]}"
+            --master_port "${MASTER_PORT:-6001}" "$REPO_DIR/finetune.py" "${shared[@]}" "$@" "${EXTRA_ARGS[@]}"
     fi
     status=$?
     set -e
     local out
-    out="$(output_dir_of "$@" "${EXTRA_ARGS[@]}")"
+    out="$(output_dir_of "${shared[@]}" "$@" "${EXTRA_ARGS[@]}")"
     if [[ $status -ne 0 && -f "$out/trainer_state.json" && "$out/trainer_state.json" -nt "$stamp" ]]; then
         echo "warning: finetune.py exited with status $status after finishing and saving to $out" \
              "(a known teardown abort of multi-process CPU runs); treating the run as successful" >&2
