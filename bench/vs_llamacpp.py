@@ -7,20 +7,21 @@ It prints the machine first (CPU, torch's capability, threads, load, a measured 
 1. builds a random Qwen v1 model of --shape (bench/decode.py's random_qwen, bf16) and saves it with
    save_pretrained and the real vocabulary (qwen.tiktoken) into a work directory;
 2. exports it with qwen.tools.export_gguf to BF16 and F16 GGUF files, and quantizes the BF16 file with
-   llama.cpp's own quantizer (llama_model_quantize) to Q8_0 and Q4_0;
+   llama.cpp's own quantizer (llama_model_quantize) to Q8_0, Q4_0 and Q4_1;
 3. times llama.cpp (llama-cpp-python, in its own virtualenv: --llama-python) on each file: prefill of a
    --prompt-len (512) token prompt (logits for the last position only) and greedy decode of --new-tokens (64)
    after a --decode-prompt-len (16) token prompt, --threads (2) threads, median of --repeats (3) after a warm-up;
 4. times ours the same way (bench/decode.py's prefill_seconds and decode, torch threads = --threads) on the
    checkpoint directory: bf16 and fp16 loaded with `dtype`, and int8 / int4 with
    `QWenLMHeadModel.from_pretrained(dir, quantization=...)` ("n/a" where that is not available);
-5. prints a table per precision class (bf16 ~ BF16, fp16 ~ F16, int8 ~ Q8_0, int4 ~ Q4_0) and the ratios
+5. prints a table per precision class (bf16 ~ BF16, fp16 ~ F16, int8 ~ Q8_0, int4 ~ Q4_0 at
+   4.5 bits per weight, int4:64 ~ Q4_1 at 5) and the ratios
    ours/llama.cpp (> 1: ours faster, for both decode and prefill tokens/s).
 
 Each model is loaded alone (llama.cpp in a subprocess per file), so memory peaks near one bf16 copy of the
 model in our process plus what loading needs (~4 GB for --shape 1_8b; int8/int4 quantize after loading a
-bf16 copy) and one GGUF file in llama.cpp's. Disk: the work directory holds the checkpoint and four GGUF files,
-about 7.7 bytes per parameter (~14 GB for --shape 1_8b); it is deleted at the end unless --work-dir is given.
+bf16 copy) and one GGUF file in llama.cpp's. Disk: the work directory holds the checkpoint and five GGUF files,
+about 8.3 bytes per parameter (~15 GB for --shape 1_8b); it is deleted at the end unless --work-dir is given.
 Other processes on the machine skew everything: the load average is printed; re-run when it is high.
 """
 
@@ -62,9 +63,10 @@ CLASSES = {
     "bf16": ("BF16", {"dtype": torch.bfloat16}),
     "fp16": ("F16", {"dtype": torch.float16}),
     "int8": ("Q8_0", {"dtype": torch.bfloat16, "quantization": "int8"}),
-    "int4": ("Q4_0", {"dtype": torch.bfloat16, "quantization": "int4"}),
+    "int4": ("Q4_0", {"dtype": torch.bfloat16, "quantization": "int4"}),  # both 4.5 bits per weight
+    "int4:64": ("Q4_1", {"dtype": torch.bfloat16, "quantization": "int4:64"}),  # both 5 bits per weight
 }
-LLAMA_FTYPES = {"Q8_0": 7, "Q4_0": 2}  # llama_ftype: LLAMA_FTYPE_MOSTLY_Q8_0, LLAMA_FTYPE_MOSTLY_Q4_0
+LLAMA_FTYPES = {"Q8_0": 7, "Q4_0": 2, "Q4_1": 3}  # llama_ftype: LLAMA_FTYPE_MOSTLY_Q8_0, _Q4_0, _Q4_1
 
 # Runs in the llama.cpp virtualenv; argv[1] is a JSON file of arguments, the last stdout line is JSON.
 LLAMA_SCRIPT = textwrap.dedent("""
@@ -176,8 +178,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2, help="threads for llama.cpp and torch")
     parser.add_argument("--classes", default=",".join(CLASSES), help=f"subset of {','.join(CLASSES)}")
     parser.add_argument("--int4-group", type=int,
-                        help="our int4 group size (default: ours' default, 64; 32 with --shape tiny, whose "
-                             "hidden size 64 no larger group divides)")
+                        help="our group size in the int4 class (default: ours' default, 128, or the largest "
+                             "of 64/32 that divides a layer's input size)")
     parser.add_argument("--llama-python", default=LLAMA_PYTHON, help="python of the llama-cpp-python virtualenv")
     parser.add_argument("--work-dir", help="keep the checkpoint and GGUF files here (reused when present)")
     parser.add_argument("--bandwidth-gib", type=float, help="size of the bandwidth probe (default 1, tiny 0.25)")
@@ -193,9 +195,8 @@ def main(argv=None):
         print(f"error: no llama.cpp virtualenv at {args.llama_python}; create it: {LLAMA_SETUP}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    group = args.int4_group or (32 if args.shape == "tiny" else None)
-    if group:
-        CLASSES["int4"][1]["quantization"] = f"int4:{group}"
+    if args.int4_group:
+        CLASSES["int4"][1]["quantization"] = f"int4:{args.int4_group}"
     bandwidth = print_machine(args.bandwidth_gib or (0.25 if args.shape == "tiny" else 1.0))
 
     shape = SHAPES[args.shape]
@@ -208,7 +209,7 @@ def main(argv=None):
 
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="vs_llamacpp."))
     work.mkdir(parents=True, exist_ok=True)
-    need = int(7.7 * params)
+    need = int(8.3 * params)
     free = shutil.disk_usage(work).free
     if free < need:
         print(f"error: {work} has {free / 1e9:.1f} GB free; the checkpoint and GGUF files need ~{need / 1e9:.1f} GB",
@@ -236,14 +237,15 @@ def _run(args, classes, work: Path, bf16_bytes: int) -> int:
     files = {}
     for name, outtype in (("BF16", "bf16"), ("F16", "f16")):
         files[name] = work / f"model-{outtype}.gguf"
-        if ("bf16" in classes or "int8" in classes or "int4" in classes or name == "F16") and not files[name].exists():
+        needed = any(CLASSES[c][0] in (name, *LLAMA_FTYPES) for c in classes)  # quantized from the BF16 file
+        if needed and not files[name].exists():
             t0 = time.perf_counter()
             export_gguf(checkpoint, files[name], outtype)
             print(f"exported {files[name].name} ({files[name].stat().st_size / 1e9:.2f} GB, "
                   f"{time.perf_counter() - t0:.1f} s)")
     for name, ftype in LLAMA_FTYPES.items():
         files[name] = work / f"model-{name.lower()}.gguf"
-        wanted = {"Q8_0": "int8", "Q4_0": "int4"}[name] in classes
+        wanted = any(CLASSES[c][0] == name for c in classes)
         if wanted and not files[name].exists():
             t0 = time.perf_counter()
             result = run_llama(args.llama_python, work, {"action": "quantize", "src": str(files["BF16"]),
@@ -299,8 +301,9 @@ def _run(args, classes, work: Path, bf16_bytes: int) -> int:
         print(f"{cls:<6} {llama_type:<9} {lp:>14.1f} {ld:>13.2f} | {fmt(op, '.1f'):>12} {fmt(od):>12} | "
               f"{fmt(ratio_p, '.3f'):>13} {fmt(ratio_d, '.3f'):>12} | {agree}")
     print(f"ratios are ours/llama.cpp in tokens/s (> 1: ours faster). ours int4 is "
-          f"quantization={CLASSES['int4'][1]['quantization']!r} against Q4_0's blocks of 32; llama.cpp's Q4_0 file "
-          "keeps output.weight in Q6_K (Q8_0 when hidden is not a multiple of 256).")
+          f"quantization={CLASSES['int4'][1]['quantization']!r} against Q4_0's blocks of 32 (fp16 scale), int4:64 "
+          "against Q4_1's (fp16 scale and min); llama.cpp's Q4_x files keep output.weight in Q6_K (Q8_0 when "
+          "hidden is not a multiple of 256).")
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
     return 0
 

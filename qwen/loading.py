@@ -188,7 +188,7 @@ def add_precision_arguments(parser) -> None:
     )
     parser.add_argument(
         "--quantize", type=_quantization, metavar="{int8,int4,int4:GROUP}",
-        help="weight-only quantization on load (int4 groups: 32, 64, 128, 256; default 64)",
+        help=f"weight-only quantization on load (int4 groups: 32, 64, 128, 256; default {_default_group()})",
     )
 
 
@@ -241,6 +241,12 @@ def check_upstream_arguments(parser, args) -> None:
         parser.error(f"--upstream must be an http:// or https:// URL, got {args.upstream!r}")
     if args.upstream_api_key is None:
         args.upstream_api_key = os.environ.get("QWEN_UPSTREAM_API_KEY") or None
+
+
+def _default_group() -> int:
+    from .quantization import DEFAULT_GROUP_SIZE
+
+    return DEFAULT_GROUP_SIZE
 
 
 def _quantization(text: str) -> str:

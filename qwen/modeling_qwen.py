@@ -845,7 +845,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         `dtype`/`torch_dtype` wins (and sets the flags); otherwise the flags (or their auto rule) pick it.
         Config fields such as `bf16=True` or `use_flash_attn=False` may be passed as keyword arguments.
         `dtype="fast"` picks the fastest 16-bit dtype for the machine (fast_dtype: bf16 or fp16).
-        `quantization="int8"`, `"int4"` or `"int4:<group size>"` (32/64/128/256, default 64) replaces the
+        `quantization="int8"`, `"int4"` or `"int4:<group size>"` (32/64/128/256, default 128) replaces the
         linear layers by weight-only quantized ones after loading (see qwen/quantization.py)."""
         quantization = kwargs.pop("quantization", None)
         if quantization is not None:

@@ -1,9 +1,9 @@
 """Weight-only int8 / int4 linear layers for CPU decoding, quantized on load.
 
     model = QWenLMHeadModel.from_pretrained(path, quantization="int8")
-    model = QWenLMHeadModel.from_pretrained(path, quantization="int4")      # group size 64
-    model = QWenLMHeadModel.from_pretrained(path, quantization="int4:128")  # group size 32/64/128/256
-    quantize_model(model, "int4", group_size=128)                           # a model already in memory
+    model = QWenLMHeadModel.from_pretrained(path, quantization="int4")      # group size 128
+    model = QWenLMHeadModel.from_pretrained(path, quantization="int4:64")   # group size 32/64/128/256
+    quantize_model(model, "int4", group_size=64)                            # a model already in memory
 
 Every `nn.Linear` of the model (per block `attn.c_attn`, `attn.c_proj`, `mlp.w1`, `mlp.w2`,
 `mlp.c_proj`, and `lm_head`) is replaced; the embedding `transformer.wte`, the norms and the biases
@@ -21,26 +21,29 @@ int4 (`Int4Linear`), asymmetric min-max per group of `group_size` consecutive k:
     packed   uint8   [N, K/2]  q[n, k] = (packed[n, k // 2] >> (4 * (k % 2))) & 0xF  (low nibble = even k)
     scales   float32 [N, K/g]  (max - min) / 15 of the group (0 when the group is constant)
     mins     float32 [N, K/g]  the group minimum;  w[n, k] ~= q[n, k] * scales[n, k // g] + mins[n, k // g]
-    -> 0.5 byte per weight + 8/g bytes (0.125 at the default g = 64).
+    -> 0.5 byte per weight + 8/g bytes (0.0625 at the default g = 128: 4.5 bits per weight, the size
+    of llama.cpp's Q4_0 and of the published GPTQ Int4 checkpoints, which also use groups of 128;
+    g = 64 is 5 bits, Q4_1's size).
     q = round((w - min) / scale) clamped to 0..15, so |w - w~| <= scale / 2 (and min, max are exact).
     The scales stay float32: at 8/g bytes per weight they cost little, and the canonical weights
     are then fp32 values (`dequantize()` computes q * scale + min with one fused rounding).
-    K must be a multiple of the group size. `Int4Linear.from_linear` raises a ValueError otherwise;
-    `quantize_model` leaves such a layer in float and logs one warning naming the layers (no Qwen
-    checkpoint has one: every K is a multiple of 256).
+    K must be a multiple of the group size. `Int4Linear.from_linear` raises a ValueError otherwise.
+    `quantize_model` with the default group (no size given) uses the largest of 128, 64, 32 that
+    divides a layer's K (every K of the Qwen checkpoints is a multiple of 128; small test models
+    are not); with a size given it leaves such a layer in float and logs one warning naming the layers.
 
 Backend copies (non-persistent buffers, built once at quantization time, never per call)
 ---------------------------------------------------------------------------------------
 With qwen.kernels running (the qwen package on x86-64, QWEN_KERNELS not off, the extension built):
 int8 keeps `scale_bf16` [N] bfloat16 (2 bytes per row, for torch's kernel at 17..23 rows and the
 bf16 GEMM path); int4 keeps no copy: qwen.kernels reads the canonical buffers, 0.5 + 8/g bytes per
-weight in all (0.625 at g = 64; int8 1.0).
+weight in all (0.5625 at g = 128, 0.625 at g = 64; int8 1.0).
 Without it (QWEN_KERNELS=off, remote code, no compiler, other CPUs), for torch's kernels:
 int8: `scale_bf16` as above.
 int4: `packed_cpu` uint8 [N, K/2] in the blocked nibble order of `torch._convert_weight_to_int4pack_for_cpu`
     (it depends on the CPU's vector width, hence not canonical) and `scale_zeros` bfloat16 [K/g, N, 2]
     with torch's convention w = (q - 8) * scale + zero, i.e. zero = min + 8 * scale. Another 0.5 + 4/g
-    bytes per weight: an int4 layer holds 1 + 12/g bytes per weight in all (1.19 at g = 64).
+    bytes per weight: an int4 layer holds 1 + 12/g bytes per weight in all (1.09 at g = 128).
     Built only when N is a multiple of 16 (the kernel's rule); otherwise the layer always dequantizes.
 
 Compute (timing tables: `python bench/gemv.py --dtype int8|int4`, `python tests/test_quantization.py`)
@@ -89,10 +92,12 @@ __all__ = ["Int4Linear", "Int8Linear", "parse_quantization", "quantize_model"]
 
 logger = logging.getLogger(__name__)
 
-# Group 64: on 2048x2048 test weights its weight error is 10-19% below group 128's (Gaussian /
-# Student-t) and 14-25% above group 32's; torch's kernel takes 0.59 ms vs 0.58 (128) and 0.61 (32)
-# for 11008x2048 at M = 1; it holds 1.19 bytes per weight vs 1.09 (128) and 1.38 (32).
-DEFAULT_GROUP_SIZE = 64
+# Group 128: the published GPTQ Int4 checkpoints' group size, and 4.5 bits per weight like
+# llama.cpp's Q4_0. Group 64 has a 10-19% smaller weight error on 2048x2048 test weights (Gaussian /
+# Student-t) for 11% more bytes; a Qwen-1.8B decode step's int4 products took 15-22% less time at
+# group 128 (qwen.kernels, 2 threads, Zen 4, interleaved in one process: fewer bytes and half the
+# per-group work). "int4:64" (or group_size=64) chooses the other trade.
+DEFAULT_GROUP_SIZE = 128
 GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 CPU kernel accepts
 _CHUNK_ELEMENTS = 1 << 24  # rows are processed in chunks of about this many weights (64 MB in fp32)
 
@@ -552,20 +557,26 @@ def quantize_model(model: nn.Module, method: str = "int8", group_size: int | Non
     """Replace every nn.Linear in `model` by an Int8Linear or Int4Linear, in place; returns `model`.
 
     `method` is "int8", "int4" or "int4:<group size>"; `group_size` (int4 only) is 32, 64, 128 or 256,
-    default 64. Layers are converted one at a time, so memory peaks at the model plus one layer's
+    default 128. Layers are converted one at a time, so memory peaks at the model plus one layer's
     copy; each float weight is released as its layer is replaced (unless something else holds it,
-    e.g. a tied embedding). An int4 layer whose input size the group size does not divide stays float
-    (one warning lists them). Raises ValueError for an unknown method or group size."""
+    e.g. a tied embedding). With the default group, a layer whose input size 128 does not divide
+    gets the largest of 64 and 32 that does; with a group size given, such a layer stays float (one
+    warning lists them). Raises ValueError for an unknown method or group size."""
     kind, group = parse_quantization(method, group_size)
+    chosen = group_size is not None or (isinstance(method, str) and ":" in method)
     # Names only: holding the modules would keep every float weight alive until the end.
     names = [name for name, module in model.named_modules() if type(module) is nn.Linear]
-    skipped = []
+    skipped, used = [], set()
     for name in names:
         linear = model.get_submodule(name)
-        if kind == "int4" and linear.in_features % group:
+        size = group
+        if kind == "int4" and not chosen:
+            size = next((g for g in GROUP_SIZES[::-1] if g <= group and linear.in_features % g == 0), group)
+        if kind == "int4" and linear.in_features % size:
             skipped.append(name)
             continue
-        new = Int8Linear.from_linear(linear) if kind == "int8" else Int4Linear.from_linear(linear, group)
+        used.add(size)
+        new = Int8Linear.from_linear(linear) if kind == "int8" else Int4Linear.from_linear(linear, size)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         del linear, new
@@ -576,5 +587,6 @@ def quantize_model(model: nn.Module, method: str = "int8", group_size: int | Non
             len(skipped),
             ", ".join(skipped[:4]) + (", ..." if len(skipped) > 4 else ""),
         )
-    model.qwen_quantization = kind if kind == "int8" else f"int4:{group}"
+    sizes = "/".join(str(g) for g in sorted(used or {group}, reverse=True))
+    model.qwen_quantization = kind if kind == "int8" else f"int4:{sizes}"
     return model

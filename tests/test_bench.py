@@ -60,8 +60,8 @@ def test_vs_llamacpp_bench():
     if not os.path.exists(LLAMA_PYTHON):
         pytest.skip(f"no llama.cpp virtualenv at {LLAMA_PYTHON} (set QWEN_LLAMA_PYTHON; README shows how to build it)")
     out = run_bench("vs_llamacpp.py", "--shape", "tiny", "--repeats", "1", "--llama-python", LLAMA_PYTHON)
-    for name in ("bf16", "fp16", "int8", "int4"):
-        assert re.search(rf"(?m)^{name}\b.*\d", out), f"no {name} row"
+    for name in ("bf16", "fp16", "int8", "int4", "int4:64"):
+        assert re.search(rf"(?m)^{name}\s.*\d", out), f"no {name} row"
     assert "ratio" in out
 
 

@@ -320,6 +320,19 @@ def test_quantized_chat(checkpoint, tokenizer, kind):
     assert again == response  # greedy decoding through the int kernels is deterministic
 
 
+def test_default_group_size_falls_back_per_layer(checkpoint, caplog):
+    """Without a group size, int4 uses 128 where it divides a layer's input size (mlp.c_proj: 512)
+    and the largest of 64/32 that does elsewhere (hidden 192 -> 64): every layer is quantized."""
+    with caplog.at_level("WARNING", logger="qwen.quantization"):
+        model = qwen.QWenLMHeadModel.from_pretrained(checkpoint, quantization="int4")
+    assert not _linear_names(model)
+    groups = {name: module.group_size for name, module in model.named_modules() if isinstance(module, Int4Linear)}
+    assert groups["transformer.h.0.mlp.c_proj"] == Q.DEFAULT_GROUP_SIZE == 128
+    assert groups["transformer.h.0.attn.c_attn"] == groups["lm_head"] == 64
+    assert model.qwen_quantization == "int4:128/64"
+    assert not [r for r in caplog.records if r.name == "qwen.quantization"]
+
+
 def test_group_size_that_does_not_divide_leaves_layers_float(checkpoint, caplog):
     """Group 128 does not divide hidden 192: those layers stay nn.Linear, one warning names them;
     mlp.c_proj (input 512) is quantized."""
