@@ -610,19 +610,25 @@ def test_vllm_as_the_upstream(vllm_model):
             assert content and any(valid.startswith(content) for valid in ('{"ok":true}', '{"ok":false}')), content
 
             # A client that leaves mid-stream aborts the request in vLLM: its generation stops within a
-            # second, where the 900 tokens asked for take it about 15 s on these 2 cores.
-            # A prompt of its own: vLLM's prefix cache would give USER's (asked above) other numerics, and
-            # on random weights another greedy path, possibly one that stops at once.
-            generated = _vllm_metric(vllm_url, "generation_tokens_total{")
-            fresh = [{"role": "user", "content": "Tell me a very long story about the sea, the wind and a lighthouse."}]
-            with client.chat.completions.with_streaming_response.create(
-                    model="x", messages=fresh, max_tokens=900, temperature=0, stream=True) as response:
-                seen = 0
-                for line in response.iter_lines():
-                    seen += '"content"' in line
-                    if seen == 3:
-                        break
-                assert engine.stats()["running"] == 1, "the reply ended on its own before the client left"
+            # second, where the 900 tokens asked for take it about 15 s on these 2 cores. Sampled (seeded),
+            # not greedy: a greedy path on random weights can run into a stop token within a few tokens
+            # (it did, on some runs of the whole suite); a sampled one hits one of the 3 stop ids of
+            # ~150k with a chance of about 2% in 900 tokens, and a second prompt covers that case.
+            for topic in ("the sea, the wind and a lighthouse", "a clockmaker and her seven cats"):
+                generated = _vllm_metric(vllm_url, "generation_tokens_total{")
+                fresh = [{"role": "user", "content": f"Tell me a very long story about {topic}."}]
+                with client.chat.completions.with_streaming_response.create(
+                        model="x", messages=fresh, max_tokens=900, temperature=1.0, seed=11, stream=True) as response:
+                    seen = 0
+                    for line in response.iter_lines():
+                        seen += '"content"' in line
+                        if seen == 3:
+                            break
+                    running = engine.stats()["running"]
+                if running == 1:
+                    break
+                assert wait_until(lambda: engine.stats()["running"] == 0, timeout=30)
+            assert running == 1, "every reply ended on its own before the client left"
             assert wait_until(lambda: engine.stats()["running"] == 0, timeout=5)
             time.sleep(1.0)
             settled = _vllm_metric(vllm_url, "generation_tokens_total{")

@@ -166,3 +166,75 @@ def test_generation_with_the_ops_follows_torch(checkpoint):
     assert len(calls) == 7 * len(model.transformer.h)
     assert calls and all(shape[2] == 1 for shape in calls)  # decode steps only: the prefill took torch's
     assert torch.equal(got[:, : 20 + 4], want[:, : 20 + 4])
+
+
+def _steps(model, ids, steps, attention_mask=None):
+    """Logits of a prefill and `steps` greedy decode steps (one model call each), concatenated."""
+    with torch.inference_mode():
+        out = model(input_ids=ids, attention_mask=attention_mask, use_cache=True)
+        cache, logits = out.past_key_values, [out.logits]
+        for _ in range(steps):
+            ids = out.logits[:, -1:].argmax(-1)
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask, torch.ones_like(ids)], dim=1)
+            out = model(input_ids=ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+            logits.append(out.logits)
+    return torch.cat(logits, dim=1)
+
+
+@pytest.fixture
+def block_decodes(monkeypatch):
+    """How many times QWenBlock.decode (the module-free decode path) ran."""
+    from qwen.modeling_qwen import QWenBlock
+
+    calls = []
+    real = QWenBlock.decode
+
+    def counting(self, *args, **kwargs):
+        calls.append(args[0].shape[1])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(QWenBlock, "decode", counting)
+    return calls
+
+
+@needs_kernels
+@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
+@pytest.mark.parametrize("batch, prompt", [(1, 4), (2, 20)])
+def test_decode_path_is_bit_for_bit_the_module_path(checkpoint, block_decodes, monkeypatch, quantization, batch, prompt):
+    """QWenModel runs decode steps (<= 16 new tokens, 16-bit, no mask) through QWenBlock.decode, which
+    calls the same ops in the same order as the modules' forward: the logits are identical. A 4-token
+    prompt on an empty cache takes it too (causal); a 20-token one takes the modules."""
+    from qwen.modeling_qwen import QWenModel
+
+    model = qwen.QWenLMHeadModel.from_pretrained(checkpoint, dtype="bfloat16", quantization=quantization).eval()
+    layers = len(model.transformer.h)
+    ids = torch.randint(0, 151000, (batch, prompt), generator=torch.Generator().manual_seed(5))
+    fast = _steps(model, ids, 6)
+    assert block_decodes == ([prompt] if prompt <= 16 else []) * layers + [1] * 6 * layers
+    monkeypatch.setattr(QWenModel, "_decode_ready", lambda *args: False)
+    assert torch.equal(fast, _steps(model, ids, 6))
+
+
+@needs_kernels
+def test_decode_path_steps_aside_for_hooks_masks_and_fp32(checkpoint, block_decodes):
+    """A forward hook on any module the decode path would call directly, a padding mask, fp32
+    activations or output_hidden_states: the modules run (and the hook sees every step)."""
+    model = qwen.QWenLMHeadModel.from_pretrained(checkpoint, dtype="bfloat16").eval()
+    ids = torch.randint(0, 151000, (2, 3), generator=torch.Generator().manual_seed(6))
+    seen = []
+    handle = model.transformer.h[-1].mlp.w2.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    _steps(model, ids, 2)
+    handle.remove()
+    assert len(seen) == 3 and not block_decodes
+    mask = torch.ones(2, 3, dtype=torch.long)
+    mask[0, 0] = 0
+    _steps(model, ids, 2, attention_mask=mask)
+    assert not block_decodes
+    with torch.inference_mode():
+        model(input_ids=ids, output_hidden_states=True, use_cache=True)
+    assert not block_decodes
+    _steps(qwen.QWenLMHeadModel.from_pretrained(checkpoint, dtype="float32").eval(), ids, 2)
+    assert not block_decodes
+    _steps(model, ids, 2)
+    assert block_decodes  # and with none of these, it runs
