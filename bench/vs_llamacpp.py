@@ -235,9 +235,10 @@ def _run(args, classes, work: Path, bf16_bytes: int) -> int:
         gc.collect()
         print(f"checkpoint: {checkpoint} ({time.perf_counter() - start:.1f} s)")
     files = {}
+    types = {CLASSES[c][0] for c in classes}
     for name, outtype in (("BF16", "bf16"), ("F16", "f16")):
         files[name] = work / f"model-{outtype}.gguf"
-        needed = any(CLASSES[c][0] in (name, *LLAMA_FTYPES) for c in classes)  # quantized from the BF16 file
+        needed = name in types or (name == "BF16" and types & set(LLAMA_FTYPES))  # quantized from BF16
         if needed and not files[name].exists():
             t0 = time.perf_counter()
             export_gguf(checkpoint, files[name], outtype)
@@ -245,8 +246,7 @@ def _run(args, classes, work: Path, bf16_bytes: int) -> int:
                   f"{time.perf_counter() - t0:.1f} s)")
     for name, ftype in LLAMA_FTYPES.items():
         files[name] = work / f"model-{name.lower()}.gguf"
-        wanted = any(CLASSES[c][0] == name for c in classes)
-        if wanted and not files[name].exists():
+        if name in types and not files[name].exists():
             t0 = time.perf_counter()
             result = run_llama(args.llama_python, work, {"action": "quantize", "src": str(files["BF16"]),
                                                          "dst": str(files[name]), "ftype": ftype,

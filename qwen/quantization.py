@@ -532,6 +532,12 @@ def _check_group_size(group_size) -> int:
 
 def parse_quantization(method, group_size=None) -> tuple[str, int | None]:
     """("int8", None) or ("int4", group size) from "int8", "int4", "int4:<g>" and an optional group_size."""
+    kind, group = _parse(method, group_size)
+    return kind, DEFAULT_GROUP_SIZE if kind == "int4" and group is None else group
+
+
+def _parse(method, group_size=None) -> tuple[str, int | None]:
+    """parse_quantization, with None for an int4 group size neither the method nor group_size gives."""
     text = method.strip().lower() if isinstance(method, str) else None
     match = re.fullmatch(r"(int8|int4)(?::(\w+))?", text or "")
     if not match:
@@ -550,7 +556,7 @@ def parse_quantization(method, group_size=None) -> tuple[str, int | None]:
         if group_size is not None and group_size != int(suffix):
             raise ValueError(f"quantization {method!r} and group_size={group_size!r} disagree")
         group_size = int(suffix)
-    return kind, _check_group_size(DEFAULT_GROUP_SIZE if group_size is None else group_size)
+    return kind, None if group_size is None else _check_group_size(group_size)
 
 
 def quantize_model(model: nn.Module, method: str = "int8", group_size: int | None = None) -> nn.Module:
@@ -562,15 +568,15 @@ def quantize_model(model: nn.Module, method: str = "int8", group_size: int | Non
     e.g. a tied embedding). With the default group, a layer whose input size 128 does not divide
     gets the largest of 64 and 32 that does; with a group size given, such a layer stays float (one
     warning lists them). Raises ValueError for an unknown method or group size."""
-    kind, group = parse_quantization(method, group_size)
-    chosen = group_size is not None or (isinstance(method, str) and ":" in method)
+    kind, given = _parse(method, group_size)
+    group = DEFAULT_GROUP_SIZE if kind == "int4" and given is None else given
     # Names only: holding the modules would keep every float weight alive until the end.
     names = [name for name, module in model.named_modules() if type(module) is nn.Linear]
     skipped, used = [], set()
     for name in names:
         linear = model.get_submodule(name)
         size = group
-        if kind == "int4" and not chosen:
+        if kind == "int4" and given is None:
             size = next((g for g in GROUP_SIZES[::-1] if g <= group and linear.in_features % g == 0), group)
         if kind == "int4" and linear.in_features % size:
             skipped.append(name)
