@@ -44,10 +44,10 @@ QUANTIZATIONS = ("int8", "int4:32", "int4:64", "int4:128")
 
 
 def corpus(max_train_tokens: int, max_eval_tokens: int):
-    """(train ids, held-out ids) in the real Qwen vocabulary: the standard library's top-level
-    modules in name order, every tenth held out."""
+    """(train ids, held-out ids) in the real Qwen vocabulary: the standard library's modules (its
+    packages and tests included) in path order, every tenth file held out."""
     tokenizer = QWenTokenizer(find_qwen_tiktoken(None))
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py"))
     train, held_out = [], []
     for i, path in enumerate(files):
         target, limit = (held_out, max_eval_tokens) if i % 10 == 9 else (train, max_train_tokens)
@@ -80,7 +80,10 @@ def train_model(args, train_ids: torch.Tensor) -> QWenLMHeadModel:
     generator = torch.Generator().manual_seed(0)
     start, step, losses = time.perf_counter(), 0, []
     while step < args.steps and time.perf_counter() - start < args.minutes * 60:
-        lr = args.lr * min(1.0, (step + 1) / 20)  # short warm-up, then constant (the run is time-boxed)
+        # Short warm-up, then a cosine decay to a tenth over the budget (steps or minutes, whichever
+        # runs out first): the low-rate end sharpens the next-token distributions.
+        done = max(step / args.steps, (time.perf_counter() - start) / (args.minutes * 60))
+        lr = args.lr * min(1.0, (step + 1) / 20) * (0.55 + 0.45 * math.cos(math.pi * min(done, 1.0)))
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = windows[torch.randint(rows, (args.batch,), generator=generator)]
@@ -133,7 +136,7 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--minutes", type=float, default=4.0, help="training time budget")
     parser.add_argument("--steps", type=int, default=100_000, help="training step budget")
-    parser.add_argument("--train-tokens", type=int, default=2_000_000)
+    parser.add_argument("--train-tokens", type=int, default=4_000_000)
     parser.add_argument("--eval-tokens", type=int, default=32_768)
     parser.add_argument("--prompts", type=int, default=8, help="greedy prompts (cut from held-out text)")
     parser.add_argument("--new-tokens", type=int, default=32)

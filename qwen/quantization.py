@@ -73,7 +73,10 @@ of x and of the output (relative 2^-9 each), well under the weights' own quantiz
 * Above (prefill): the weight is dequantized to the activation dtype, `gemm_chunk` weights
   at a time into a reused per-thread scratch buffer (8 MB in bf16, 16 MB in fp32; int4 adds ~6 MB
   for nibbles and expanded scales), and multiplied with `F.linear`: torch's GEMM beats the
-  weight-only kernels there, and fp32 activations get an fp32 product. int4 dequantizes into the
+  weight-only kernels there, and fp32 activations get an fp32 product. On a CPU without native
+  bf16 products (no AVX512_BF16 or AMX: `gemm_dtype`) the weight is dequantized to fp32 instead and
+  bf16 activations are widened: torch's bf16 GEMM emulates the products there, 3.2-3.3x slower
+  (`bench/prefill.py`). int4 dequantizes into the
   column order "even k, then odd k" (x's columns are permuted to match), so each nibble half is
   masked in one int32 pass. This path still costs 1.1-2x a bf16 F.linear (the dequantization).
 """
@@ -81,6 +84,7 @@ of x and of the output (relative 2^-9 each), well under the weights' own quantiz
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 
@@ -88,7 +92,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Int4Linear", "Int8Linear", "parse_quantization", "quantize_model"]
+__all__ = ["Int4Linear", "Int8Linear", "chunked_linear", "gemm_dtype", "parse_quantization", "quantize_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +111,64 @@ def _row_chunks(n_rows: int, n_cols: int, multiple: int = 64):
     step = max(multiple, _CHUNK_ELEMENTS // max(n_cols, 1) // multiple * multiple)
     for start in range(0, n_rows, step):
         yield start, min(start + step, n_rows)
+
+
+def native_cpu_gemm(dtype: torch.dtype) -> bool:
+    """Whether torch's CPU GEMM multiplies `dtype` operands natively here: fp32 always; bf16 with
+    AVX512_BF16 or AMX, fp16 with AMX-FP16 (unless ATEN_CPU_CAPABILITY caps torch below AVX-512,
+    which simulates an older CPU). Elsewhere its 16-bit GEMM emulates the products and runs 2-8x
+    slower than converting the operands to fp32 and multiplying in fp32 (measured on Zen 4 with and
+    without the AVX2 cap: bench/README.md, "Prefill without native 16-bit products")."""
+    if dtype == torch.float32:
+        return True
+    if os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower() in ("avx2", "default"):
+        return False
+    if dtype == torch.bfloat16:
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    if dtype == torch.float16:
+        return torch.cpu._is_amx_fp16_supported()
+    return False
+
+
+def gemm_dtype(dtype: torch.dtype, device) -> torch.dtype:
+    """The dtype a product of `dtype` operands with many rows is computed in on `device`: `dtype`
+    itself, except 16-bit on a CPU without native products for it (native_cpu_gemm): fp32 there
+    (exact widening, fp32 sums, one rounding of the result)."""
+    if torch.device(device).type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+        return dtype
+    native = _NATIVE_GEMM.get(dtype)
+    if native is None:  # resolved once per process: every large-M call asks
+        native = _NATIVE_GEMM[dtype] = native_cpu_gemm(dtype)
+    return dtype if native else torch.float32
+
+
+_NATIVE_GEMM: dict = {}
+
+
+def chunked_linear(x2: torch.Tensor, out_features: int, weight_rows, bias: torch.Tensor | None,
+                   chunk: int) -> torch.Tensor:
+    """x2 [M, K] @ W.T + bias in x2's dtype, with W [out_features, K] never held whole: weight_rows(
+    start, end, dtype, out) writes rows start:end of W in `dtype` into `out` (scratch) and returns
+    it, about `chunk` weights at a time. Multiplied with F.linear in gemm_dtype (fp32 for 16-bit x on
+    a CPU without native 16-bit products: the bias added in fp32, one rounding per output)."""
+    rows, k = x2.shape
+    n = out_features
+    compute = gemm_dtype(x2.dtype, x2.device)
+    x_in = x2 if compute == x2.dtype else x2.to(compute)
+    bias = None if bias is None else bias.to(compute)
+    step = min(n, max(16, chunk // k // 16 * 16))
+    scratch = _scratch("weight", step * k, compute, x2.device)
+    y = None
+    for start in range(0, n, step):
+        end = min(start + step, n)
+        w = weight_rows(start, end, compute, scratch[: (end - start) * k].view(end - start, k))
+        part = F.linear(x_in, w, None if bias is None else bias[start:end])
+        if end - start == n and compute == x2.dtype:
+            return part
+        if y is None:
+            y = torch.empty(rows, n, dtype=x2.dtype, device=x2.device)
+        y[:, start:end] = part  # the one rounding to x2's dtype where compute is fp32
+    return y
 
 
 def _check_finite(w: torch.Tensor, what: str) -> None:
@@ -233,18 +295,9 @@ class _QuantizedLinear(nn.Module):
         raise NotImplementedError
 
     def _dequantized_linear(self, x2: torch.Tensor) -> torch.Tensor:
-        """x2 @ w~.T + bias through F.linear, dequantizing `gemm_chunk` weights at a time into scratch."""
-        n, k = self.out_features, self.in_features
-        bias = None if self.bias is None else self.bias.to(x2.dtype)
-        x_in = self._gemm_input(x2)
-        step = min(n, max(16, self.gemm_chunk // k // 16 * 16))
-        out = _scratch("weight", step * k, x2.dtype, x2.device)
-        parts = []
-        for start in range(0, n, step):
-            end = min(start + step, n)
-            w = self._gemm_weight(start, end, x2.dtype, out[: (end - start) * k].view(end - start, k))
-            parts.append(F.linear(x_in, w, None if bias is None else bias[start:end]))
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        """x2 @ w~.T + bias through F.linear, dequantizing `gemm_chunk` weights at a time into scratch
+        (in fp32 where the CPU has no native products for x2's dtype: chunked_linear)."""
+        return chunked_linear(self._gemm_input(x2), self.out_features, self._gemm_weight, self.bias, self.gemm_chunk)
 
 
 class _FrozenQuantizedProduct(torch.autograd.Function):

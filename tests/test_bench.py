@@ -90,6 +90,14 @@ def test_decode_bench_against_torch_kernels():
     assert re.search(r"(?m)^torchq +[\d.]+ +[\d.]+", out) and "ratio ours/torchq" in out and "qwen2" not in out
 
 
+@pytest.mark.parametrize("dtype", ["float16", "int4"])
+def test_prefill_bench_smoke(dtype):
+    out = run_bench("prefill.py", "--smoke", "--dtype", dtype)
+    assert re.search(r"(?m)^torch (float16|bfloat16) +[\d.]+ +\d+-\d+ +[\d.]+ ", out), out
+    assert re.search(r"(?m)^fp32 +[\d.]+ +\d+-\d+ +[\d.]+ ", out), out
+    assert re.search(r"fp32 products: [\d.]+x the speed", out), out
+
+
 def run_script(script, *args):
     """A bench script that measures no speed (no bandwidth line): its stdout."""
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / script), *args], capture_output=True, text=True,

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import qwen
+import qwen.quantization as Q
 from qwen import kernels
 from qwen.kernels.linear import KernelLinear, use_kernels, use_torch
 from qwen.serving import Engine, SamplingParams
@@ -72,6 +73,26 @@ def test_engine_runs_on_the_kernel_and_stays_greedy_consistent(checkpoint):
         assert len(first.token_ids) == 12 and first.token_ids == again.token_ids
     finally:
         engine.shutdown()
+
+
+@pytest.mark.skipif(not ON, reason="KernelLinear needs qwen.kernels")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_prefill_without_native_16_bit_products_multiplies_in_fp32(monkeypatch, dtype):
+    """More rows than a decode step on a CPU whose torch emulates 16-bit products (ATEN_CPU_CAPABILITY
+    =avx2 simulates one): the weight widened to fp32 a chunk at a time (4 chunks, the last partial),
+    an fp32 product with the bias, one rounding."""
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    monkeypatch.setattr(Q, "_NATIVE_GEMM", {})
+    layer = nn.Linear(192, 200).to(dtype)
+    layer.__class__ = KernelLinear
+    layer.gemm_chunk = 64 * 192
+    x = torch.randn(2, 40, 192, generator=torch.Generator().manual_seed(0)).to(dtype)
+    ref = nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float())
+    with torch.no_grad():
+        y = layer(x)
+    assert y.shape == (2, 40, 200) and y.dtype == dtype
+    half_ulp = torch.finfo(dtype).eps / 2 * 2.0 ** torch.floor(torch.log2(ref.abs().clamp_min(1e-30)))
+    assert ((y.float() - ref).abs() <= half_ulp + 1e-5 * ref.abs().max()).all()
 
 
 def test_use_kernels_is_idempotent_and_leaves_other_layers(checkpoint):

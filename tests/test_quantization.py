@@ -152,6 +152,45 @@ def test_both_paths_agree_whatever_m(kind, dtype):
         torch.testing.assert_close(chunked, ref, rtol=1e-5, atol=1e-5)
 
 
+def _one_rounding(y, ref):
+    """y is ref (fp32) rounded once to y's dtype, up to fp32 summation order: within half a 16-bit
+    ulp of ref plus 1e-5 of the row's largest value."""
+    half_ulp = torch.finfo(y.dtype).eps / 2 * 2.0 ** torch.floor(torch.log2(ref.abs().clamp_min(1e-30)))
+    return ((y.float() - ref).abs() <= half_ulp + 1e-5 * ref.abs().amax(dim=-1, keepdim=True)).all()
+
+
+def _emulated_16_bit(monkeypatch):
+    """What a CPU without native 16-bit products decides (ATEN_CPU_CAPABILITY=avx2 simulates one)."""
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    monkeypatch.setattr(Q, "_NATIVE_GEMM", {})
+
+
+def test_gemm_dtype_follows_the_cpu(monkeypatch):
+    assert Q.gemm_dtype(torch.float32, "cpu") == torch.float32
+    assert Q.gemm_dtype(torch.bfloat16, "meta") == torch.bfloat16  # only CPU products are widened
+    native = {dt: Q.gemm_dtype(dt, "cpu") == dt for dt in (torch.bfloat16, torch.float16)}
+    capped = os.environ.get("ATEN_CPU_CAPABILITY", "").lower() in ("avx2", "default")
+    assert native[torch.bfloat16] == (
+        (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()) and not capped)
+    _emulated_16_bit(monkeypatch)
+    assert Q.gemm_dtype(torch.bfloat16, "cpu") == Q.gemm_dtype(torch.float16, "cpu") == torch.float32
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4:64"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_large_m_multiplies_in_fp32_without_native_16_bit_products(monkeypatch, kind, dtype):
+    """Prefill on such a CPU: the weights dequantized to fp32 (in 64-row chunks here), an fp32 GEMM
+    with the bias, one rounding to the activations' dtype."""
+    _emulated_16_bit(monkeypatch)
+    layer = _quantize(_linear(208, 256, dtype=dtype), kind)
+    layer.gemm_chunk = 64 * 256
+    x = torch.randn(3, 70, 256, generator=torch.Generator().manual_seed(2)).to(dtype)
+    ref = F.linear(x.float(), layer.dequantize(), layer.bias.float())
+    y = layer(x)
+    assert y.shape == (3, 70, 208) and y.dtype == dtype
+    assert _one_rounding(y, ref)
+
+
 def test_int4_without_torch_kernel_uses_dequantize(monkeypatch):
     """N not a multiple of 16: torch's int4 packing refuses it, so without qwen.kernels the layer
     always dequantizes."""

@@ -6,7 +6,10 @@
 Every `nn.Linear` of the model whose weight is bf16 or fp16 on the CPU becomes a `KernelLinear`: the
 same module (same parameters, state dict, `isinstance(m, nn.Linear)`), whose forward sends calls of
 up to `MAX_ROWS` activation rows without autograd (decoding) to `qwen.kernels.gemv` and everything
-else (prefill, training) to `F.linear`. The model's RMSNorm and attention modules (those with a
+else (prefill, training) to `F.linear`; on a CPU without native products for the weight's dtype
+(fp16 without AMX-FP16, bf16 without AVX512_BF16 or AMX) prefill multiplies in fp32 instead, the
+weight widened a chunk at a time (`qwen.quantization.chunked_linear`): torch's 16-bit GEMM emulates
+the products there and is 2-8x slower. The model's RMSNorm and attention modules (those with a
 `_cpu_ops` class attribute) get the decode-step ops of cpu_ops.cpp (RMSNorm, rotary, few-query
 attention), which they use for 16-bit CPU activations. `QWEN_KERNELS=off` keeps torch's numerics
 everywhere.
@@ -17,12 +20,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import backend, gemv
+from ..quantization import chunked_linear, gemm_dtype
+from . import MAX_ROWS, backend, gemv
 
 
 class KernelLinear(nn.Linear):
+    # Weights converted to fp32 at a time on the many-rows path where the CPU has no native 16-bit
+    # products (16 MB of fp32 scratch, which the GEMM then reads from cache).
+    gemm_chunk = 1 << 22
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gemv(x, self.weight, self.bias)
+        weight = self.weight
+        if x.numel() > MAX_ROWS * self.in_features and gemm_dtype(weight.dtype, weight.device) != weight.dtype \
+                and x.dtype == weight.dtype and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+            return chunked_linear(x.reshape(-1, self.in_features), self.out_features, self._weight_rows, self.bias,
+                                  self.gemm_chunk).view(*x.shape[:-1], self.out_features)
+        return gemv(x, weight, self.bias)
+
+    def _weight_rows(self, start: int, end: int, dtype: torch.dtype, out: torch.Tensor) -> torch.Tensor:
+        return out.copy_(self.weight[start:end])
 
 
 def use_kernels(model: nn.Module) -> int:

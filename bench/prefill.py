@@ -1,0 +1,103 @@
+"""Prefill on a CPU without native 16-bit products: torch's 16-bit GEMM against ours in fp32.
+
+    python bench/prefill.py --shape 1_8b --layers 6 --dtype float16 --prompt-len 512
+    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 QWEN_KERNELS=avx2 \\
+        python bench/prefill.py --shape 1_8b --layers 6 --dtype bfloat16     # an AVX2-only CPU, simulated
+    python bench/prefill.py --smoke
+
+Where the CPU has no native products for a 16-bit dtype (fp16 without AMX-FP16; bf16 without
+AVX512_BF16 or AMX; `qwen.quantization.native_cpu_gemm`), torch emulates them in its 16-bit GEMM.
+There our prefill widens the weights to fp32 a chunk at a time and multiplies in fp32 (16-bit
+models and the int8/int4 layers' many-rows path alike). This times a prompt's forward (the cache
+filled, logits for the last position, as generate() does) both ways in one process, alternating,
+and prints the medians, min-max, the ratio, and how far each path's last logits are from the same
+model computed in fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from decode import DTYPES, QUANTIZED, SHAPES, print_machine, random_qwen  # noqa: E402  (bench/decode.py)
+
+import qwen.quantization as Q  # noqa: E402
+from qwen.kernels.linear import use_kernels  # noqa: E402
+
+
+@torch.inference_mode()
+def last_logits(model, ids) -> tuple[float, torch.Tensor]:
+    start = time.perf_counter()
+    logits = model(input_ids=ids, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+    return time.perf_counter() - start, logits
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1_8b")
+    parser.add_argument("--layers", type=int, help="override the shape's layer count")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", *QUANTIZED], default="float16",
+                        help="16-bit weights, or weight-only int8/int4 (bf16 activations)")
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=151936)
+    parser.add_argument("--smoke", action="store_true", help="a tiny model, a few seconds (checks the script runs)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.shape, args.layers, args.prompt_len, args.repeats, args.vocab = "tiny", None, 40, 1, 4096
+    torch.set_num_threads(args.threads)
+    print_machine(0.25 if args.smoke else 1.0)
+
+    shape = dict(SHAPES[args.shape])
+    if args.layers:
+        shape["layers"] = args.layers
+    quantized = args.dtype in QUANTIZED
+    activations = torch.bfloat16 if quantized else DTYPES[args.dtype]
+    model = random_qwen(shape, args.vocab, 4096, activations, seed=0)
+    if quantized:
+        Q.quantize_model(model, args.dtype)
+    use_kernels(model)
+    ids = torch.randint(0, args.vocab, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
+
+    print(f"shape {args.shape} ({shape['layers']} layers), {args.dtype}, {args.prompt_len}-token prompt; "
+          f"{activations} products native on this CPU: {Q.native_cpu_gemm(activations)} "
+          f"(so by default prefill multiplies in {Q.gemm_dtype(activations, 'cpu')})")
+    name = str(activations).removeprefix("torch.")
+    modes = {f"torch {name}": True, "fp32": False}  # _NATIVE_GEMM: True = torch's 16-bit GEMM
+    saved = dict(Q._NATIVE_GEMM)
+    seconds = {mode: [] for mode in modes}
+    logits = {}
+    try:
+        for repeat in range(args.repeats + 1):  # the first round warms up (scratch buffers, oneDNN)
+            for mode, native in modes.items():
+                Q._NATIVE_GEMM[activations] = native
+                elapsed, logits[mode] = last_logits(model, ids)
+                if repeat:
+                    seconds[mode].append(elapsed)
+    finally:
+        Q._NATIVE_GEMM.clear()
+        Q._NATIVE_GEMM.update(saved)
+    reference = last_logits(model.float(), ids)[1] if not quantized else None
+
+    print(f"\n{'GEMM':<16} {'median ms':>10} {'min-max':>16} {'tok/s':>8} {'max |logit - fp32 model|':>26}")
+    for mode, times in seconds.items():
+        error = f"{(logits[mode] - reference).abs().max().item():.4f}" if reference is not None else "-"
+        print(f"{mode:<16} {1e3 * statistics.median(times):>10.1f} "
+              f"{f'{1e3 * min(times):.0f}-{1e3 * max(times):.0f}':>16} "
+              f"{args.prompt_len / statistics.median(times):>8.1f} {error:>26}")
+    first, second = (statistics.median(t) for t in seconds.values())
+    print(f"\nfp32 products: {first / second:.2f}x the speed of torch's {name} GEMM")
+
+
+if __name__ == "__main__":
+    main()
