@@ -6,6 +6,7 @@ code: it imports only torch, transformers and its sibling files.
 """
 
 import copy
+import functools
 import json
 import math
 import os
@@ -394,18 +395,18 @@ class QWenAttention(nn.Module):
         q, k, v = (t.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
-    def decode(self, hidden_states, rotary, layer, causal):
-        """forward() for the decode step QWenModel._decode_ready admits (bias-free, no LogN, a plain
-        cache layer, CPU ops on): the same ops in the same order, so bit for bit its result, with the
-        linear layers' forward called directly (no hooks to run: checked) and the cache layer updated
-        directly."""
+    def decode(self, hidden_states, rotary, write, bias, causal):
+        """forward() for the decode step QWenModel._decode_writers admits (no LogN, no manual
+        attention, CPU ops on): the same ops in the same order, so bit for bit its result, with the
+        linear layers' forward called directly (no hooks to run: checked) and this layer's KV
+        written by `write(k, v)` (the cache layer's or the serving cache's update)."""
         batch, length, _ = hidden_states.shape
         ops = _cpu_ops()
         q, k, v = self._heads(self.c_attn.forward(hidden_states), rotary, ops)
-        k, v = layer.update(k, v)
-        out = ops.attention(q, k, v, None, causal)
+        k, v = write(k, v)
+        out = ops.attention(q, k, v, bias, causal)
         if out is None:
-            out = self._fast(q, k, v, None, causal).transpose(1, 2).reshape(batch, length, self.config.hidden_size)
+            out = self._fast(q, k, v, bias, causal).transpose(1, 2).reshape(batch, length, self.config.hidden_size)
         return self.c_proj.forward(out)
 
     def forward(self, hidden_states, rotary, logn, bias, causal, cache=None, output_attentions=False):
@@ -492,9 +493,9 @@ class QWenBlock(GradientCheckpointingLayer):
         hidden_states = hidden_states + self.mlp(self.ln_2(hidden_states))
         return hidden_states, weights
 
-    def decode(self, hidden_states, rotary, layer, causal):
-        """forward() for the decode step QWenModel._decode_ready admits: see QWenAttention.decode."""
-        hidden_states = hidden_states + self.attn.decode(self.ln_1.forward(hidden_states), rotary, layer, causal)
+    def decode(self, hidden_states, rotary, write, bias, causal):
+        """forward() for the decode step QWenModel._decode_writers admits: see QWenAttention.decode."""
+        hidden_states = hidden_states + self.attn.decode(self.ln_1.forward(hidden_states), rotary, write, bias, causal)
         mlp, x = self.mlp, self.ln_2.forward(hidden_states)
         return hidden_states + mlp.c_proj.forward(mlp.w1.forward(x) * F.silu(mlp.w2.forward(x)))  # as QWenMLP
 
@@ -596,31 +597,37 @@ class QWenModel(QWenPreTrainedModel):
         sin = torch.stack([tables[a][1][start:key_len] for a in alphas])[:, None]
         return cos, sin
 
-    def _decode_ready(self, hidden_states, cache, rows, logn, biases, output_attentions, output_hidden_states) -> bool:
-        """Whether the blocks may run their `decode` path: a step of at most kernels.MAX_ROWS (16) new
-        tokens in 16-bit on the CPU with the decode-step ops on, no mask beyond causal, no LogN, a
-        plain QWenCache with a layer per block, nothing to record or return per layer, and no hooks
-        on the blocks' modules (decode calls their forward directly). On a Qwen-1.8B int4 step
-        (2 threads) it saves ~1 ms of ~35 (module calls and cache bookkeeping)."""
+    def _decode_writers(self, hidden_states, cache, rows, logn, output_attentions, output_hidden_states):
+        """Each block's KV writer `write(k, v) -> (keys, values)` where the blocks may run their
+        `decode` path, else None. It runs a step of at most kernels.MAX_ROWS (16) new tokens in 16-bit
+        on the CPU with the decode-step ops on, no LogN, attention that needs no manual path, nothing
+        to record or return per layer, no hooks on the blocks' modules (decode calls their forward
+        directly), and either a plain QWenCache with a preallocated layer per block or the serving
+        engine's cache (`rows`, qwen.serving.kv). On a Qwen-1.8B int4 step (2 threads) it saves ~1 ms
+        of ~35 (module calls and cache bookkeeping)."""
         if (
-            self.training or rows is not None or logn is not None or output_attentions or output_hidden_states
-            or type(cache) is not QWenCache or cache.offloading or len(cache.layers) != len(self.h)
+            self.training or logn is not None or output_attentions or output_hidden_states
             or hidden_states.shape[1] > 16 or hidden_states.dtype not in (torch.bfloat16, torch.float16)
-            or hidden_states.device.type != "cpu" or any(bias is not None for bias in biases.values())
-            or uses_manual_attention(self.config) or _global_hooks()
-            or any(type(layer) is not PreallocatedLayer for layer in cache.layers)
+            or hidden_states.device.type != "cpu" or uses_manual_attention(self.config) or _global_hooks()
         ):
-            return False
+            return None
+        if rows is not None:
+            writers = [functools.partial(cache.update, layer_idx=i) for i in range(len(self.h))]
+        elif (type(cache) is QWenCache and not cache.offloading and len(cache.layers) == len(self.h)
+              and all(type(layer) is PreallocatedLayer for layer in cache.layers)):
+            writers = [layer.update for layer in cache.layers]
+        else:
+            return None
         for block in self.h:  # _modules, not attribute access: this runs every step
             parts = block._modules
             attn, mlp = parts["attn"], parts["mlp"]
             if not (attn._cpu_ops and parts["ln_1"]._cpu_ops and parts["ln_2"]._cpu_ops):
-                return False
+                return None
             for module in (block, parts["ln_1"], parts["ln_2"], attn, mlp, *attn._modules.values(),
                            *mlp._modules.values()):
                 if module._forward_hooks or module._forward_pre_hooks:
-                    return False
-        return True
+                    return None
+        return writers
 
     def _row_layout(self, rows, query_len, dtype, device):
         """Rotary, LogN and masks for a serving batch of independent sequences: row b holds the
@@ -738,9 +745,11 @@ class QWenModel(QWenPreTrainedModel):
 
         hidden_states = self.drop(hidden_states)
         all_hidden, all_attn = [], []
-        if self._decode_ready(hidden_states, cache, rows, logn, biases, output_attentions, output_hidden_states):
-            for block, layer in zip(self.h, cache.layers):
-                hidden_states = block.decode(hidden_states, rotary, layer, causal)
+        writers = self._decode_writers(hidden_states, cache, rows, logn, output_attentions, output_hidden_states)
+        if writers is not None:
+            for block, write, window in zip(self.h, writers, windows):
+                bias = biases[window]
+                hidden_states = block.decode(hidden_states, rotary, write, bias, causal and bias is None)
             windows = ()  # done: the loop below has nothing left to run
         for block, window in zip(self.h, windows):
             if output_hidden_states:

@@ -200,26 +200,62 @@ def block_decodes(monkeypatch):
 
 @needs_kernels
 @pytest.mark.parametrize("quantization", [None, "int8", "int4"])
-@pytest.mark.parametrize("batch, prompt", [(1, 4), (2, 20)])
-def test_decode_path_is_bit_for_bit_the_module_path(checkpoint, block_decodes, monkeypatch, quantization, batch, prompt):
-    """QWenModel runs decode steps (<= 16 new tokens, 16-bit, no mask) through QWenBlock.decode, which
-    calls the same ops in the same order as the modules' forward: the logits are identical. A 4-token
-    prompt on an empty cache takes it too (causal); a 20-token one takes the modules."""
+@pytest.mark.parametrize("batch, prompt, padded", [(1, 4, False), (2, 20, False), (2, 5, True)])
+def test_decode_path_is_bit_for_bit_the_module_path(checkpoint, block_decodes, monkeypatch, quantization, batch,
+                                                    prompt, padded):
+    """QWenModel runs decode steps (<= 16 new tokens, 16-bit) through QWenBlock.decode, which calls
+    the same ops in the same order as the modules' forward: the logits are identical. A 4-token
+    prompt on an empty cache takes it too (causal); a 20-token one takes the modules; a left-padded
+    batch takes it with its padding mask."""
     from qwen.modeling_qwen import QWenModel
 
     model = qwen.QWenLMHeadModel.from_pretrained(checkpoint, dtype="bfloat16", quantization=quantization).eval()
     layers = len(model.transformer.h)
     ids = torch.randint(0, 151000, (batch, prompt), generator=torch.Generator().manual_seed(5))
-    fast = _steps(model, ids, 6)
+    mask = None
+    if padded:
+        mask = torch.ones(batch, prompt, dtype=torch.long)
+        mask[0, :2] = 0
+    fast = _steps(model, ids, 6, attention_mask=mask)
     assert block_decodes == ([prompt] if prompt <= 16 else []) * layers + [1] * 6 * layers
-    monkeypatch.setattr(QWenModel, "_decode_ready", lambda *args: False)
-    assert torch.equal(fast, _steps(model, ids, 6))
+    monkeypatch.setattr(QWenModel, "_decode_writers", lambda *args: None)
+    assert torch.equal(fast, _steps(model, ids, 6, attention_mask=mask))
 
 
 @needs_kernels
-def test_decode_path_steps_aside_for_hooks_masks_and_fp32(checkpoint, block_decodes):
-    """A forward hook on any module the decode path would call directly, a padding mask, fp32
-    activations or output_hidden_states: the modules run (and the hook sees every step)."""
+@pytest.mark.parametrize("quantization", [None, "int4"])
+def test_engine_decode_steps_take_the_decode_path_bit_for_bit(checkpoint, block_decodes, monkeypatch, quantization):
+    """The serving engine's decode steps (rows of different lengths in one batch: per-row positions
+    and a mask) run through QWenBlock.decode with the engine's cache: every token and logprob equals
+    the module path's."""
+    from qwen.modeling_qwen import QWenModel
+    from qwen.serving import Engine, SamplingParams
+
+    model = qwen.QWenLMHeadModel.from_pretrained(checkpoint, dtype="bfloat16", quantization=quantization).eval()
+    tokenizer = qwen.QWenTokenizer.from_pretrained(checkpoint)
+    prompts = [list(range(100, 107)), list(range(300, 320))]
+    params = SamplingParams(max_new_tokens=8, do_sample=False, logprobs=2, stop_token_ids=[])
+
+    def run():
+        engine = Engine(model, tokenizer, max_running=2, prefix_slots=0)
+        try:
+            with engine._lock:  # both queued before the engine's first step: the same batches each run
+                streams = [engine.submit(p, params) for p in prompts]
+            return [(o.token_ids, [(t.token_id, t.logprob, t.top) for t in o.logprobs])
+                    for o in (s.result() for s in streams)]
+        finally:
+            engine.shutdown()
+
+    fast = run()
+    assert block_decodes and set(block_decodes) == {1}  # decode steps only (the prompts prefill on the modules)
+    monkeypatch.setattr(QWenModel, "_decode_writers", lambda *args: None)
+    assert fast == run()
+
+
+@needs_kernels
+def test_decode_path_steps_aside_for_hooks_and_fp32(checkpoint, block_decodes):
+    """A forward hook on any module the decode path would call directly, fp32 activations or
+    output_hidden_states: the modules run (and the hook sees every step)."""
     model = qwen.QWenLMHeadModel.from_pretrained(checkpoint, dtype="bfloat16").eval()
     ids = torch.randint(0, 151000, (2, 3), generator=torch.Generator().manual_seed(6))
     seen = []
@@ -227,10 +263,6 @@ def test_decode_path_steps_aside_for_hooks_masks_and_fp32(checkpoint, block_deco
     _steps(model, ids, 2)
     handle.remove()
     assert len(seen) == 3 and not block_decodes
-    mask = torch.ones(2, 3, dtype=torch.long)
-    mask[0, 0] = 0
-    _steps(model, ids, 2, attention_mask=mask)
-    assert not block_decodes
     with torch.inference_mode():
         model(input_ids=ids, output_hidden_states=True, use_cache=True)
     assert not block_decodes
