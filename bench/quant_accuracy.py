@@ -14,7 +14,9 @@ model (what `from_pretrained(..., quantization=...)` gives a user):
 
 - perplexity on the held-out files (non-overlapping windows; the prefill path of the layers);
 - greedy decoding (the decode path: our kernels where they run) from prompts cut out of the
-  held-out files: how many of the first 16 (and of all `--new-tokens`) tokens equal bf16's.
+  held-out files: how many of the first 16 (and of all `--new-tokens`) tokens equal bf16's, and
+  where a path parts from bf16's, how close bf16's own choice was there (its top-2 log-probability
+  gap: a near-tie flips on a last-bit change).
 
 The fp32 model's perplexity is printed as the reference for bf16 itself.
 """
@@ -124,6 +126,19 @@ def greedy(model, prompts: list[torch.Tensor], new_tokens: int) -> list[list[int
     return out
 
 
+@torch.inference_mode()
+def top2_gaps(model, prompts: list[torch.Tensor], tokens: list[list[int]]) -> list[list[float]]:
+    """Per prompt, at each new position: the model's log-probability gap between its best and its
+    second-best next token, teacher-forced along `tokens` (a small gap is a near-tie)."""
+    gaps = []
+    for prompt, new in zip(prompts, tokens):
+        ids = torch.cat([prompt, torch.tensor(new[:-1], dtype=prompt.dtype)])[None]
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 :].float().log_softmax(-1)
+        top = logits.topk(2, dim=-1).values
+        gaps.append((top[:, 0] - top[:, 1]).tolist())
+    return gaps
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -174,6 +189,7 @@ def main(argv=None):
     model = model.to(torch.bfloat16)
     reference = greedy(model, prompts, args.new_tokens)
     results["bf16"] = (perplexity(model, eval_t, window), reference)
+    gaps = top2_gaps(model, prompts, reference)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     for method in QUANTIZATIONS:
         if method.startswith("int4") and args.hidden % int(method.split(":")[1]):
@@ -187,15 +203,20 @@ def main(argv=None):
     print(f"\nheld-out perplexity (window {window}) and greedy agreement with bf16 over {len(prompts)} prompts "
           f"of 32 tokens, {args.new_tokens} new tokens each:")
     print(f"{'weights':<10} {'perplexity':>11} {'vs bf16':>8} {'first 16 equal':>15} {'all equal':>10} "
-          f"{'median agreeing prefix':>23}")
+          f"{'median agreeing prefix':>23}  bf16's top-2 gap where a path first parts")
     for name, (ppl, tokens) in results.items():
         if tokens is None:
             print(f"{name:<10} {ppl:>11.3f} {100 * (ppl / base - 1):>+7.2f}%")
             continue
         prefixes = [agreement(a, b) for a, b in zip(tokens, reference)]
         first16 = sum(p >= min(16, args.new_tokens) for p in prefixes)
+        parted = ", ".join(f"{gaps[i][p]:.3f}" for i, p in enumerate(prefixes) if p < args.new_tokens) or "-"
         print(f"{name:<10} {ppl:>11.3f} {100 * (ppl / base - 1):>+7.2f}% {first16:>9}/{len(prompts):<5} "
-              f"{sum(p == args.new_tokens for p in prefixes):>4}/{len(prompts):<5} {statistics.median(prefixes):>23}")
+              f"{sum(p == args.new_tokens for p in prefixes):>4}/{len(prompts):<5} {statistics.median(prefixes):>23}  "
+              f"{parted}")
+    every = sorted(g for row in gaps for g in row)
+    print(f"\nbf16's top-2 log-probability gap over all {len(every)} greedy positions: median {statistics.median(every):.3f}, "
+          f"{sum(g < 0.05 for g in every)} under 0.05 (near-ties, where a last-bit change can flip the choice)")
 
 
 def platform_line() -> str:

@@ -1,6 +1,6 @@
 """Decode and prefill speed: our model against llama.cpp on the same random weights, per precision class.
 
-    python bench/vs_llamacpp.py [--shape 1_8b] [--threads 2] [--repeats 3] [--llama-python /tmp/llama_venv/bin/python]
+    python bench/vs_llamacpp.py [--shape 1_8b] [--threads 2] [--repeats 3] [--rounds 1] [--llama-python /tmp/llama_venv/bin/python]
     python bench/vs_llamacpp.py --shape tiny          # smoke run, well under a minute
 
 It prints the machine first (CPU, torch's capability, threads, load, a measured memory-read bandwidth), then:
@@ -11,6 +11,7 @@ It prints the machine first (CPU, torch's capability, threads, load, a measured 
 3. times llama.cpp (llama-cpp-python, in its own virtualenv: --llama-python) on each file: prefill of a
    --prompt-len (512) token prompt (logits for the last position only) and greedy decode of --new-tokens (64)
    after a --decode-prompt-len (16) token prompt, --threads (2) threads, median of --repeats (3) after a warm-up;
+   with --rounds R the two engines alternate R times per class (medians over all R x repeats runs);
 4. times ours the same way (bench/decode.py's prefill_seconds and decode, torch threads = --threads) on the
    checkpoint directory: bf16 and fp16 loaded with `dtype`, and int8 / int4 with
    `QWenLMHeadModel.from_pretrained(dir, quantization=...)` ("n/a" where that is not available);
@@ -174,7 +175,9 @@ def main(argv=None):
     parser.add_argument("--prompt-len", type=int, default=512, help="prefill prompt length")
     parser.add_argument("--decode-prompt-len", type=int, default=16, help="prompt before the decoded tokens")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per engine per round")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="alternate the engines this many times per class (medians over all runs)")
     parser.add_argument("--threads", type=int, default=2, help="threads for llama.cpp and torch")
     parser.add_argument("--classes", default=",".join(CLASSES), help=f"subset of {','.join(CLASSES)}")
     parser.add_argument("--int4-group", type=int,
@@ -260,36 +263,45 @@ def _run(args, classes, work: Path, bf16_bytes: int) -> int:
     prompt = torch.randint(0, 151643, (1, args.prompt_len), generator=generator)
     short = prompt[:, :args.decode_prompt_len]
     print(f"prefill: {args.prompt_len}-token prompt; decode: {args.new_tokens} greedy tokens after "
-          f"{args.decode_prompt_len} (tokens/s from the first new token on); median of {args.repeats} after a warm-up")
+          f"{args.decode_prompt_len} (tokens/s from the first new token on); median of {args.repeats} x {args.rounds} "
+          f"round(s) after a warm-up")
     print()
 
     rows = {}
     for cls in classes:
         llama_type, how = CLASSES[cls]
-        llama = run_llama(args.llama_python, work, {
-            "action": "bench", "model": str(files[llama_type]), "prompt": prompt[0].tolist(),
-            "decode_prompt": short[0].tolist(), "new_tokens": args.new_tokens, "repeats": args.repeats,
-            "threads": args.threads}, timeout)
-        llama_prefill = statistics.median(llama["prefill_s"])
-        llama_decode = statistics.median(llama["decode_tps"])
-        print(f"llama.cpp {llama_type:<5} ({files[llama_type].stat().st_size / 1e9:.2f} GB, load {llama['load_s']:.1f} s):"
-              f" prefill {[round(t * 1e3, 1) for t in llama['prefill_s']]} ms, decode "
-              f"{[round(r, 2) for r in llama['decode_tps']]} tok/s")
         model, reason = load_ours(work / "checkpoint", how)
-        ours_prefill = ours_decode = None
-        same = None
         if model is None:
             print(f"ours      {cls:<5}: n/a ({reason})")
-        else:
+        timings = {"llama_prefill": [], "llama_decode": [], "prefill": [], "decode": []}
+        same = None
+        # Rounds alternate the two engines (each with `repeats` runs), so that a slow spell of a
+        # shared machine falls on both rather than on one.
+        for _ in range(args.rounds):
+            llama = run_llama(args.llama_python, work, {
+                "action": "bench", "model": str(files[llama_type]), "prompt": prompt[0].tolist(),
+                "decode_prompt": short[0].tolist(), "new_tokens": args.new_tokens, "repeats": args.repeats,
+                "threads": args.threads}, timeout)
+            timings["llama_prefill"] += llama["prefill_s"]
+            timings["llama_decode"] += llama["decode_tps"]
+            print(f"llama.cpp {llama_type:<5} ({files[llama_type].stat().st_size / 1e9:.2f} GB, load {llama['load_s']:.1f} s):"
+                  f" prefill {[round(t * 1e3, 1) for t in llama['prefill_s']]} ms, decode "
+                  f"{[round(r, 2) for r in llama['decode_tps']]} tok/s")
+            if model is None:
+                continue
             prefills, rates, tokens = time_ours(model, prompt, short, args.new_tokens, args.repeats)
-            ours_prefill, ours_decode = statistics.median(prefills), statistics.median(rates)
+            timings["prefill"] += prefills
+            timings["decode"] += rates
             same = agreement(tokens, llama["tokens"])
             print(f"ours      {cls:<5} ({model_bytes(model) / 1e9:.2f} GB): prefill "
                   f"{[round(t * 1e3, 1) for t in prefills]} ms, decode {[round(r, 2) for r in rates]} tok/s")
-            del model
-            gc.collect()
-        rows[cls] = (llama_type, args.prompt_len / llama_prefill, llama_decode,
-                     None if ours_prefill is None else args.prompt_len / ours_prefill, ours_decode, same)
+        del model
+        gc.collect()
+        ours_prefill = statistics.median(timings["prefill"]) if timings["prefill"] else None
+        rows[cls] = (llama_type, args.prompt_len / statistics.median(timings["llama_prefill"]),
+                     statistics.median(timings["llama_decode"]),
+                     None if ours_prefill is None else args.prompt_len / ours_prefill,
+                     statistics.median(timings["decode"]) if timings["decode"] else None, same)
 
     print()
     print(f"{'class':<6} {'llama.cpp':<9} {'prefill tok/s':>14} {'decode tok/s':>13} | {'ours prefill':>12} "

@@ -59,10 +59,10 @@ def test_vs_llamacpp_bench():
     """Runs where llama-cpp-python's virtualenv exists (README: "Against llama.cpp")."""
     if not os.path.exists(LLAMA_PYTHON):
         pytest.skip(f"no llama.cpp virtualenv at {LLAMA_PYTHON} (set QWEN_LLAMA_PYTHON; README shows how to build it)")
-    out = run_bench("vs_llamacpp.py", "--shape", "tiny", "--repeats", "1", "--llama-python", LLAMA_PYTHON)
+    out = run_bench("vs_llamacpp.py", "--shape", "tiny", "--repeats", "1", "--rounds", "2", "--llama-python", LLAMA_PYTHON)
     for name in ("bf16", "fp16", "int8", "int4", "int4:64"):
         assert re.search(rf"(?m)^{name}\s.*\d", out), f"no {name} row"
-    assert "ratio" in out
+    assert "ratio" in out and len(re.findall(r"(?m)^ours +bf16 ", out)) == 2  # one line per round
 
 
 def test_decode_bench_quantized_batch():
@@ -109,6 +109,7 @@ def run_script(script, *args):
 def test_quant_accuracy_bench_smoke():
     out = run_script("quant_accuracy.py", "--smoke")
     assert "trained 2 steps" in out and "first 16 equal" in out
+    assert re.search(r"top-2 log-probability gap over all 8 greedy positions: median \d+\.\d+", out), out
     for name in ("fp32", "bf16", "int8", "int4:32"):
         assert re.search(rf"(?m)^{re.escape(name)} +\d+\.\d+ +[+-]\d+\.\d+%", out), out
 
