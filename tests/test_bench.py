@@ -98,6 +98,14 @@ def test_prefill_bench_smoke(dtype):
     assert re.search(r"fp32 products: [\d.]+x the speed", out), out
 
 
+def test_engine_step_bench_smoke():
+    out = run_bench("engine_step.py", "--smoke")
+    for pools in ("released", "never released"):
+        for path in ("engine", "generate"):
+            assert re.search(rf"(?m)^{pools} +{path} +[\d.]+ +[\d.]+-[\d.]+ +[\d.]+$", out), out
+    assert re.search(r"released: engine / generate time per token [\d.]+", out), out
+
+
 def run_script(script, *args):
     """A bench script that measures no speed (no bandwidth line): its stdout."""
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / script), *args], capture_output=True, text=True,

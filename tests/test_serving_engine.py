@@ -392,3 +392,19 @@ def test_int8_cache_prefills_only_equal_chunks_together(checkpoint):
             assert out == ref[0, len(i):].tolist()
     finally:
         engine.shutdown()
+
+
+def test_releasing_the_openmp_pool_keeps_torch_working():
+    """The engine frees its creating thread's libgomp pool (see release_openmp_pool): torch's wheels
+    on Linux bundle libgomp, so it is there to ask; parallel work afterwards (this thread's pool
+    rebuilt) gives the same result as before."""
+    from pathlib import Path
+
+    from qwen.serving.engine import release_openmp_pool
+
+    a, b = torch.randn(512, 384, generator=torch.Generator().manual_seed(0)), torch.randn(384, 256)
+    before = a @ b
+    has_libgomp = any(Path(torch.__file__).parent.joinpath("lib").glob("libgomp*.so*"))
+    assert release_openmp_pool() is has_libgomp
+    assert torch.equal(a @ b, before)
+    assert release_openmp_pool() is has_libgomp  # again, with the pool just rebuilt

@@ -16,12 +16,14 @@ leaving one (break, close, cancel, a dropped client) frees its slot before the n
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import itertools
 import os
 import queue
 import threading
 import time
 from collections import Counter, deque
+from pathlib import Path
 
 import torch
 
@@ -142,6 +144,30 @@ class _Sequence:
         return len(self.prompt) + max(len(self.generated) - 1, 0)
 
 
+def release_openmp_pool() -> bool:
+    """Free the calling thread's OpenMP worker pool (GNU OpenMP, as torch's Linux wheels bundle;
+    other threads' pools are untouched). libgomp keeps a pool per thread that ran parallel work,
+    and once their threads outnumber the cores it throttles their wait-spinning: a thread whose
+    steps are CPU kernels in quick succession then runs them much slower while another thread holds
+    a pool (a Qwen-1.8B int4 decode step 52 instead of 38 ms on 2 cores, in the engine's thread or
+    in generate() alike: bench/engine_step.py). The pool comes back by itself when the thread
+    computes again. False where there is no libgomp to ask."""
+    global _LIBGOMP
+    if _LIBGOMP is None:
+        _LIBGOMP = False
+        libraries = sorted(Path(torch.__file__).parent.joinpath("lib").glob("libgomp*.so*"))
+        if libraries:
+            try:
+                _LIBGOMP = ctypes.CDLL(str(libraries[0]))  # already loaded by torch: the same runtime
+                _LIBGOMP.omp_pause_resource_all.argtypes = [ctypes.c_int]
+            except (OSError, AttributeError):
+                _LIBGOMP = False
+    return bool(_LIBGOMP) and _LIBGOMP.omp_pause_resource_all(2) == 0  # omp_pause_hard
+
+
+_LIBGOMP = None  # ctypes handle on torch's libgomp, False where there is none
+
+
 class Engine:
     def __init__(
         self,
@@ -181,6 +207,12 @@ class Engine:
         self._closed = False
         self.counters = Counter()  # requests_total, prompt_tokens_total, generation_tokens_total, ...
         self.observers: list = []  # callables (name, seconds) for "time_to_first_token", "inter_token_latency"
+        # On the CPU only one thread's OpenMP pool should hold the cores (release_openmp_pool): the
+        # thread that loaded the model lets go of its own now and a requesting thread at submit,
+        # and the engine's thread lets go of its own whenever it goes idle.
+        self._cpu = model.device.type == "cpu"
+        if self._cpu:
+            release_openmp_pool()
         self._thread = threading.Thread(target=self._loop, name="qwen-engine", daemon=True)
         self._thread.start()
 
@@ -197,6 +229,8 @@ class Engine:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams | None = None) -> RequestStream:
         """Queue a request; raises RequestError (bad request) or EngineBusy (queue full)."""
+        if self._cpu:
+            release_openmp_pool()
         params = (params or SamplingParams()).check()
         prompt = list(prompt_ids)
         if not prompt:
@@ -245,6 +279,8 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._lock:
+                if not self._closed and not self._waiting and not self._running and self._cpu:
+                    release_openmp_pool()  # idle: leave the cores' pool to whoever computes next
                 while not self._closed and not self._waiting and not self._running:
                     self._lock.wait()
                 if self._closed:
