@@ -27,26 +27,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from decode import QUANTIZED, SHAPES, print_machine, random_qwen  # noqa: E402  (bench/decode.py)
+from decode import QUANTIZED, SHAPES, _Clock, print_machine, random_qwen  # noqa: E402  (bench/decode.py)
 
 from qwen import QWenTokenizer  # noqa: E402
 from qwen.quantization import quantize_model  # noqa: E402
 from qwen.serving import Engine, SamplingParams  # noqa: E402
 import qwen.serving.engine as engine_module  # noqa: E402
 from qwen.vocab import find_qwen_tiktoken  # noqa: E402
-
-
-class _Clock:
-    """generate()'s streamer: a timestamp per put (the prompt, then each new token)."""
-
-    def __init__(self):
-        self.times = []
-
-    def put(self, value):
-        self.times.append(time.perf_counter())
-
-    def end(self):
-        pass
 
 
 @torch.inference_mode()

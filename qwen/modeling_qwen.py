@@ -66,10 +66,9 @@ def fast_dtype(on_cuda: bool) -> torch.dtype:
     both prefill alike there: through fp32 products (qwen.quantization.gemm_dtype)."""
     if on_cuda:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    if os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower() in ("avx2", "default"):
-        native_bf16 = False  # torch's kernels are capped below AVX-512: its bf16 products are emulated
-    return torch.bfloat16 if native_bf16 else torch.float16
+    from .quantization import native_cpu_gemm  # a remote-code file too
+
+    return torch.bfloat16 if native_cpu_gemm(torch.bfloat16) else torch.float16
 
 
 def set_precision_flags(config: QWenConfig, dtype: torch.dtype) -> None:
