@@ -325,7 +325,11 @@ def _scratch(slot: str, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
     key = (slot, dtype, torch.device(device))
     buffer = pool.get(key)
     if buffer is None or buffer.numel() < numel:
-        buffer = pool[key] = torch.empty(numel, dtype=dtype, device=device)
+        # A normal tensor even when the first call runs under inference_mode (the engine's steps):
+        # an inference tensor could not be written by a later call outside it (generate() runs
+        # under no_grad only).
+        with torch.inference_mode(False):
+            buffer = pool[key] = torch.empty(numel, dtype=dtype, device=device)
     return buffer[:numel]
 
 

@@ -5,6 +5,7 @@ bound as between two CPUs, README "Exactness"); QWEN_KERNELS=off gives torch's n
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -88,8 +89,12 @@ def test_prefill_without_native_16_bit_products_multiplies_in_fp32(monkeypatch, 
     layer.gemm_chunk = 64 * 192
     x = torch.randn(2, 40, 192, generator=torch.Generator().manual_seed(0)).to(dtype)
     ref = nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float())
-    with torch.no_grad():
+    monkeypatch.setattr(Q, "_SCRATCH", threading.local())  # the scratch is first allocated under inference_mode
+    with torch.inference_mode():
+        first = layer(x)
+    with torch.no_grad():  # as generate() runs: the same scratch written outside inference_mode
         y = layer(x)
+    assert torch.equal(y, first)
     assert y.shape == (2, 40, 200) and y.dtype == dtype
     half_ulp = torch.finfo(dtype).eps / 2 * 2.0 ** torch.floor(torch.log2(ref.abs().clamp_min(1e-30)))
     assert ((y.float() - ref).abs() <= half_ulp + 1e-5 * ref.abs().max()).all()
