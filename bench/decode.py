@@ -120,6 +120,16 @@ def random_qwen(shape: dict, vocab: int, seq_length: int, dtype: torch.dtype, se
     return ours
 
 
+def random_model(shape: dict, vocab: int, seq_length: int, dtype_name: str, seed: int) -> QWenLMHeadModel:
+    """random_qwen for a bench's --dtype: a 16-bit dtype as is, or int8/int4 weights quantized from
+    the bf16 model (bf16 activations), as from_pretrained(..., quantization=...) gives them."""
+    if dtype_name not in QUANTIZED:
+        return random_qwen(shape, vocab, seq_length, DTYPES[dtype_name], seed)
+    from qwen.quantization import quantize_model
+
+    return quantize_model(random_qwen(shape, vocab, seq_length, torch.bfloat16, seed), dtype_name)
+
+
 def weight_bytes(model) -> tuple[int, int]:
     """(all weight bytes, bytes read per decode step): the embedding table is only gathered (one row).
     Quantized layers count what their kernel reads (`bytes_read`), not the copies they keep."""

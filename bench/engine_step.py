@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,10 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from decode import QUANTIZED, SHAPES, _Clock, print_machine, random_qwen  # noqa: E402  (bench/decode.py)
+from decode import QUANTIZED, SHAPES, _Clock, print_machine, random_model  # noqa: E402  (bench/decode.py)
 
 from qwen import QWenTokenizer  # noqa: E402
-from qwen.quantization import quantize_model  # noqa: E402
 from qwen.serving import Engine, SamplingParams  # noqa: E402
 import qwen.serving.engine as engine_module  # noqa: E402
 from qwen.vocab import find_qwen_tiktoken  # noqa: E402
@@ -68,11 +66,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     print_machine(0.25 if args.smoke else 1.0)
 
-    quantized = args.dtype in QUANTIZED
-    vocab = 151936
-    model = random_qwen(SHAPES[args.shape], vocab, 4096, torch.bfloat16 if quantized else getattr(torch, args.dtype), 0)
-    if quantized:
-        quantize_model(model, args.dtype)
+    model = random_model(SHAPES[args.shape], 151936, 4096, args.dtype, 0)
     engine = Engine(model, QWenTokenizer(find_qwen_tiktoken(None)), max_running=1, prefix_slots=0)
     prompt = torch.randint(1000, 100000, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
     print(f"shape {args.shape}, {args.dtype}, {args.prompt_len}-token prompt, {args.new_tokens} greedy tokens, "

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from decode import DTYPES, QUANTIZED, SHAPES, print_machine, random_qwen  # noqa: E402  (bench/decode.py)
+from decode import DTYPES, QUANTIZED, SHAPES, print_machine, random_model  # noqa: E402  (bench/decode.py)
 
 import qwen.quantization as Q  # noqa: E402
 from qwen.kernels.linear import use_kernels  # noqa: E402
@@ -63,9 +63,7 @@ def main(argv=None):
         shape["layers"] = args.layers
     quantized = args.dtype in QUANTIZED
     activations = torch.bfloat16 if quantized else DTYPES[args.dtype]
-    model = random_qwen(shape, args.vocab, 4096, activations, seed=0)
-    if quantized:
-        Q.quantize_model(model, args.dtype)
+    model = random_model(shape, args.vocab, 4096, args.dtype, seed=0)
     use_kernels(model)
     ids = torch.randint(0, args.vocab, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
 
