@@ -18,7 +18,8 @@ model (what `from_pretrained(..., quantization=...)` gives a user):
   where a path parts from bf16's, how close bf16's own choice was there (its top-2 log-probability
   gap: a near-tie flips on a last-bit change).
 
-The fp32 model's perplexity is printed as the reference for bf16 itself.
+The unquantized fp32 and fp16 models are measured the same way: how often they part from bf16's
+tokens is the yardstick for the quantized rows (two 16-bit formats part at near-ties too).
 """
 
 import argparse
@@ -185,10 +186,17 @@ def main(argv=None):
 
     window = min(256, args.seq * 2)
     prompts = [eval_t[i * window: i * window + 32] for i in range(args.prompts)]
-    results = {"fp32": (perplexity(model, eval_t, window), None)}
+    # fp32 and fp16 are the yardstick: how often two unquantized paths already part from bf16's
+    fp32_state = {k: v.clone() for k, v in model.state_dict().items()}
+    results = {"fp32": (perplexity(model, eval_t, window), greedy(model, prompts, args.new_tokens))}
     model = model.to(torch.bfloat16)
     reference = greedy(model, prompts, args.new_tokens)
     results["bf16"] = (perplexity(model, eval_t, window), reference)
+    fp16 = QWenLMHeadModel(model.config)
+    fp16.load_state_dict(fp32_state)
+    fp16 = fp16.to(torch.float16).eval()
+    results["fp16"] = (perplexity(fp16, eval_t, window), greedy(fp16, prompts, args.new_tokens))
+    del fp16, fp32_state
     gaps = top2_gaps(model, prompts, reference)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     for method in QUANTIZATIONS:
@@ -203,14 +211,12 @@ def main(argv=None):
     print(f"\nheld-out perplexity (window {window}) and greedy agreement with bf16 over {len(prompts)} prompts "
           f"of 32 tokens, {args.new_tokens} new tokens each:")
     print(f"{'weights':<10} {'perplexity':>11} {'vs bf16':>8} {'first 16 equal':>15} {'all equal':>10} "
-          f"{'median agreeing prefix':>23}  bf16's top-2 gap where a path first parts")
+          f"{'median agreeing prefix':>23}  where a path parts (prompt #, position): bf16's top-2 gap there")
     for name, (ppl, tokens) in results.items():
-        if tokens is None:
-            print(f"{name:<10} {ppl:>11.3f} {100 * (ppl / base - 1):>+7.2f}%")
-            continue
         prefixes = [agreement(a, b) for a, b in zip(tokens, reference)]
         first16 = sum(p >= min(16, args.new_tokens) for p in prefixes)
-        parted = ", ".join(f"{gaps[i][p]:.3f}" for i, p in enumerate(prefixes) if p < args.new_tokens) or "-"
+        parted = ", ".join(f"#{i} at {p}: {gaps[i][p]:.3f}" for i, p in enumerate(prefixes)
+                           if p < args.new_tokens) or "-"
         print(f"{name:<10} {ppl:>11.3f} {100 * (ppl / base - 1):>+7.2f}% {first16:>9}/{len(prompts):<5} "
               f"{sum(p == args.new_tokens for p in prefixes):>4}/{len(prompts):<5} {statistics.median(prefixes):>23}  "
               f"{parted}")

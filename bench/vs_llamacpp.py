@@ -119,6 +119,7 @@ LLAMA_SCRIPT = textwrap.dedent("""
         rate, ids = generate(args["new_tokens"])
         rates.append(rate)
     print(json.dumps({"load_s": load_s, "prefill_s": prefills, "decode_tps": rates, "tokens": ids,
+                      "system": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
                       "ftype": llama_cpp.llama_ftype_name(llama_cpp.llama_model_ftype(llm.model)).decode()
                       if hasattr(llama_cpp, "llama_ftype_name") and hasattr(llama_cpp, "llama_model_ftype")
                       else None}))
@@ -267,7 +268,7 @@ def _run(args, classes, work: Path, bf16_bytes: int) -> int:
           f"round(s) after a warm-up")
     print()
 
-    rows = {}
+    rows, shown_system = {}, False
     for cls in classes:
         llama_type, how = CLASSES[cls]
         model, reason = load_ours(work / "checkpoint", how)
@@ -282,6 +283,9 @@ def _run(args, classes, work: Path, bf16_bytes: int) -> int:
                 "action": "bench", "model": str(files[llama_type]), "prompt": prompt[0].tolist(),
                 "decode_prompt": short[0].tolist(), "new_tokens": args.new_tokens, "repeats": args.repeats,
                 "threads": args.threads}, timeout)
+            if not shown_system:  # the SIMD features its CPU backend was built for and uses
+                print(f"llama.cpp system info: {llama['system']}")
+                shown_system = True
             timings["llama_prefill"] += llama["prefill_s"]
             timings["llama_decode"] += llama["decode_tps"]
             print(f"llama.cpp {llama_type:<5} ({files[llama_type].stat().st_size / 1e9:.2f} GB, load {llama['load_s']:.1f} s):"

@@ -63,6 +63,7 @@ def test_vs_llamacpp_bench():
     for name in ("bf16", "fp16", "int8", "int4", "int4:64"):
         assert re.search(rf"(?m)^{name}\s.*\d", out), f"no {name} row"
     assert "ratio" in out and len(re.findall(r"(?m)^ours +bf16 ", out)) == 2  # one line per round
+    assert re.search(r"(?m)^llama.cpp system info: .*AVX2 = [01]", out), "llama.cpp's SIMD features not shown"
 
 
 def test_decode_bench_quantized_batch():
@@ -118,8 +119,8 @@ def test_quant_accuracy_bench_smoke():
     out = run_script("quant_accuracy.py", "--smoke")
     assert "trained 2 steps" in out and "first 16 equal" in out
     assert re.search(r"top-2 log-probability gap over all 8 greedy positions: median \d+\.\d+", out), out
-    for name in ("fp32", "bf16", "int8", "int4:32"):
-        assert re.search(rf"(?m)^{re.escape(name)} +\d+\.\d+ +[+-]\d+\.\d+%", out), out
+    for name in ("fp32", "bf16", "fp16", "int8", "int4:32"):  # every row: perplexity, then greedy agreement
+        assert re.search(rf"(?m)^{re.escape(name)} +\d+\.\d+ +[+-]\d+\.\d+% +\d/2 +\d/2 ", out), out
 
 
 def test_finetune_bench_smoke():
