@@ -8,7 +8,6 @@ import pickle
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import qwen
 from qwen import kernels

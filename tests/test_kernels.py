@@ -545,7 +545,8 @@ def test_quantized_autograd_falls_back(built):
     assert x.grad is not None
 
 
-# Approach (b) (exact=False: avx512_bf16 with AVX512_VNNI only): the activations rounded to int8 per
+# Approach (b) (exact=False: avx2 and avx512 with VPMADDUBSW, avx512_bf16 with AVX512_VNNI's VPDPBUSD;
+# an avx512_bf16 CPU without VNNI keeps the exact kernel): the activations rounded to int8 per
 # block of 32 k, d = max |x| / 127 of the block, |x_k - d round(x_k / d)| <= d / 2 (plus a few fp32
 # ulps of d from computing x / d), so the bound above gains sum_k |q_k| scale_k * d_block(k) * (1/2 + 2^-10).
 
@@ -561,12 +562,13 @@ def activation_rounding_bound(x, packed, scales, g):
 
 
 VNNI = CPU_LEVEL >= 3 and "avx512_vnni" in cpu_flags()
+INT8_ACTIVATION_LEVELS = [level for level in OFFERED if level < 3 or VNNI]
 
 
-@pytest.mark.skipif(not VNNI, reason="the int8-activation int4 kernel needs AVX512_BF16 and AVX512_VNNI")
+@pytest.mark.parametrize("level", INT8_ACTIVATION_LEVELS, ids=[NAMES[level] for level in INT8_ACTIVATION_LEVELS])
 @pytest.mark.parametrize("group", GROUPS)
-def test_int4_int8_activations_within_bound(built, group):
-    assert kernels._ext.has_vnni()
+def test_int4_int8_activations_within_bound(built, group, level):
+    assert level < 3 or kernels._ext.has_vnni()
     generator = torch.Generator().manual_seed(300 + group)
     differ = 0
     for k in sorted({group, 3 * group, 5 * group, 2048 // group * group}):
@@ -576,8 +578,8 @@ def test_int4_int8_activations_within_bound(built, group):
                 x, packed, scales, mins, b = int4_case(m, n, k, group, bias, generator)
                 if m == 2:
                     x[1, :32] = 0  # an all-zero block: scale 0
-                y = kernels._int4_at(x, packed, scales, mins, group, b, 3, exact=False)
-                exact = kernels._int4_at(x, packed, scales, mins, group, b, 3, exact=True)
+                y = kernels._int4_at(x, packed, scales, mins, group, b, level, exact=False)
+                exact = kernels._int4_at(x, packed, scales, mins, group, b, level, exact=True)
                 w, size = int4_weight(packed, scales, mins, group)
                 n_, k_ = w.shape
                 xd = x.reshape(-1, k_).double()
@@ -592,9 +594,9 @@ def test_int4_int8_activations_within_bound(built, group):
     assert differ > 0  # the rounding really happens (outputs differ from the exact kernel's)
     # rows and threads: the same bits whatever M
     x, packed, scales, mins, b = int4_case(13, 67, 2048, group, None, generator)
-    full = kernels._int4_at(x, packed, scales, mins, group, b, 3, exact=False)
+    full = kernels._int4_at(x, packed, scales, mins, group, b, level, exact=False)
     for i in range(13):
-        assert torch.equal(kernels._int4_at(x[i:i + 1], packed, scales, mins, group, b, 3, exact=False), full[i:i + 1])
+        assert torch.equal(kernels._int4_at(x[i:i + 1], packed, scales, mins, group, b, level, exact=False), full[i:i + 1])
 
 
 def test_every_kernel_source_ships_in_the_package():

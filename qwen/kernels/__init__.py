@@ -25,9 +25,9 @@ bias added in fp32, rounded once to bf16 (approach (a) of issue 13). Paths: avx5
 VCVTNE2PS2BF16 + VDPBF16PS; int4 nibbles -> bf16 by VPERMW + VDPBF16PS; avx512: VPMOVSX/ZX + VCVTDQ2PS
 + FMA; avx2: the same on 8 lanes. Where the kernel does not take the tensors, the functions compute
 the fp32 reference (dequantized weight, F.linear): slow, for completeness.
-Approach (b), llama.cpp's Q4_0 x Q8_0 (activations rounded to int8 per block of 32, VPDPBUSD), is
-there for int4 on avx512_bf16 CPUs with AVX512_VNNI: ``int4_gemv(..., exact=False)`` or
-QWEN_INT4_ACTIVATIONS=int8 for the model. It adds an activation error of up to 1/254 of each 32-block's
+Approach (b), llama.cpp's Q4_0 x Q8_0 (activations rounded to int8 per block of 32; VPDPBUSD on
+avx512_bf16 CPUs with AVX512_VNNI, VPMADDUBSW on the avx2 and avx512 paths), is there for int4:
+``int4_gemv(..., exact=False)`` or QWEN_INT4_ACTIVATIONS=int8 for the model. It adds an activation error of up to 1/254 of each 32-block's
 largest |x| and, measured on Zen 4 with 2 threads, decodes no faster: 40 vs 32 G weights/s per
 thread with the weights in cache, the same ~20-22 GB/s as (a) at M = 1 from memory (about 10-25%
 faster at M = 4). So (a) is the default.
@@ -103,7 +103,7 @@ _NAMES = {0: "torch", 1: "avx2", 2: "avx512", 3: "avx512_bf16"}
 _LEVELS = {name: level for level, name in _NAMES.items()}
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
-# int4 at avx512_bf16 with AVX512_VNNI: QWEN_INT4_ACTIVATIONS=int8 selects approach (b), activations
+# int4: QWEN_INT4_ACTIVATIONS=int8 selects approach (b) (any path but avx512_bf16 without VNNI), activations
 # rounded to int8 per block of 32 (relative error of each activation at most 1/254 of its block's
 # largest |x|); the default keeps them exact (bf16).
 _INT4_EXACT = os.environ.get("QWEN_INT4_ACTIVATIONS", "bf16").strip().lower() != "int8"

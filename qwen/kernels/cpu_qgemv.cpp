@@ -23,6 +23,7 @@
 //   2 avx512:      int8: VPMOVSXBD + VCVTDQ2PS + FMA on 16 lanes; int4: VPMOVZXBD, mask and shift
 //                  for the two nibbles, VCVTDQ2PS, FMA with fp32 activations.
 //   1 avx2:        the level-2 kernels on 8 lanes (AVX2 + FMA).
+//   With exact=false, int4 at levels 1 and 2 takes approach (b) with VPMADDUBSW (I4Avx2Int8 below).
 // Activations are prepared once per call (bf16 -> fp32, or kept bf16 at level 3 int4; the even k
 // of each block of B weights before its odd k, the order in which the nibbles unpack), and each
 // int4 group's sum of x is computed once per call.
@@ -794,6 +795,78 @@ struct I4x256 {
   }
 };
 
+// Levels 1 and 2, approach (b) on AVX2 (no VNNI needed): the activations of prepare_vnni (int8 per
+// block of 32, split per 128), taken 64 weights (32 bytes) at a time: VPMADDUBSW multiplies 32
+// unsigned nibbles by 32 signed int8 activations into 16 pair sums (|.| <= 2 * 15 * 127, no
+// saturation); the even and odd nibbles' pair sums are added (|.| <= 7620) and VPMADDWD by ones gives
+// 8 int32 lanes, lane L holding k = 8L .. 8L + 7 of the 64 (the layout of I4Vnni's lanes, half a
+// 128-block at a time). Per 64 weights and output:
+//   acc = fma(float(lane sums), scale of the lane's group * d of the lane's x block, acc)
+// then the exact min term. About a third of approach (a)'s vector operations per weight.
+struct I4Avx2Int8 {
+  static constexpr int kRows1 = 4, kRows = 2, kM = 2;
+  static constexpr bool kPrefetchOne = true;  // see the driver
+  static constexpr int64_t kBlock = 64;
+
+  template <int NR, int NM, bool PF>
+  QQ_AVX2 static void tile(const QProblem& p, int64_t n, int64_t m, float* out) {
+    const int64_t K = p.K, G = p.G, g = p.g, rb = p.row_bytes;
+    const int64_t blocks = (K + 127) / 128;  // prepare_vnni's 128-blocks
+    const uint8_t* w = p.w + n * rb;
+    const int8_t* x = static_cast<const int8_t*>(p.x) + m * p.xs;
+    const float* s = p.scale + n * G;
+    const float* xd = p.xd + m * blocks * 16;
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[NM][NR];
+    QQ_UNROLL
+    for (int i = 0; i < NM; ++i)
+      QQ_UNROLL
+      for (int r = 0; r < NR; ++r) acc[i][r] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += kBlock) {
+      const int64_t b = k / 128, h = (k / 64) & 1;  // 128-block, and which half of it
+      const bool full = k + kBlock <= K;             // else 32 weights left (K is a multiple of 32)
+      __m256i lo[NR], hi[NR];
+      __m256 sv[NR];
+      QQ_UNROLL
+      for (int r = 0; r < NR; ++r) {
+        const uint8_t* at = w + r * rb + k / 2;
+        if constexpr (PF) {
+          if ((k & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(at) + kPrefetchBytes, _MM_HINT_T1);
+        }
+        const __m256i v = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at))
+                               : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at)));
+        lo[r] = _mm256_and_si256(v, low4);
+        hi[r] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        if (g >= kBlock) {
+          sv[r] = _mm256_set1_ps(s[r * G + k / g]);
+        } else {  // g == 32: lanes 0-3 one group, 4-7 the next (none in a 32-weight tail)
+          const int64_t j = k / 32;
+          sv[r] = _mm256_set_m128(_mm_set1_ps(full ? s[r * G + j + 1] : 0.f), _mm_set1_ps(s[r * G + j]));
+        }
+      }
+      QQ_UNROLL
+      for (int i = 0; i < NM; ++i) {
+        const int8_t* xb = x + i * p.xs + b * 128 + 32 * h;
+        const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb));
+        const __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 64));
+        const __m256 dv = _mm256_loadu_ps(xd + (i * blocks + b) * 16 + 8 * h);
+        QQ_UNROLL
+        for (int r = 0; r < NR; ++r) {
+          const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo[r], xe), _mm256_maddubs_epi16(hi[r], xo));
+          const __m256i sum = _mm256_madd_epi16(pairs, ones);
+          acc[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(sv[r], dv), acc[i][r]);
+        }
+      }
+    }
+    QQ_UNROLL
+    for (int i = 0; i < NM; ++i)
+      QQ_UNROLL
+      for (int r = 0; r < NR; ++r)
+        out[i * NR + r] = hsum256(acc[i][r]) + min_term256(p.mins + (n + r) * G, p.sx + (m + i) * G, G);
+  }
+};
+
 #endif  // QQ_X86
 
 // ----------------------------------------------------------------------------- entry points
@@ -921,12 +994,15 @@ std::optional<at::Tensor> int4_gemv(const at::Tensor& x_in, const at::Tensor& pa
   const uint16_t* xb = static_cast<const uint16_t*>(x.data_ptr());
   group_sums(xb, p.M, p.K, group, tl_sx);
   p.sx = tl_sx.data();
-  if (isa == kAvx512Bf16 && !exact && has_vnni()) {
+  if (!exact && (isa < kAvx512Bf16 || has_vnni())) {
     prepare_vnni(xb, p.M, p.K, group, tl_xq, tl_xd, tl_lane, &p.xs);
     p.x = tl_xq.data();
     p.xd = tl_xd.data();
     p.lane = tl_lane.data();
-    run<I4Vnni>(p);
+    if (isa == kAvx512Bf16)
+      run<I4Vnni>(p);
+    else
+      run<I4Avx2Int8>(p);
   } else if (isa == kAvx512Bf16) {
 #if QQ_HAVE_BF16  // else cpu_isa() is at most kAvx512
     prepare_x<uint16_t>(xb, p.M, p.K, 64, true, tl_xh, &p.xs);
