@@ -163,7 +163,11 @@ inline void store(const Problem& p, int64_t n, int64_t m, const float* out) {
 // Every output is the same fixed-order fp32 sum whatever the tile, M or thread count: the same
 // accumulator vector(s) per output (two on the AVX2 paths, see Chains), fed one k-block after the
 // other, their lanes summed at the end. So a row's result does not depend on the rows batched with it.
+// At M = 1 the prefetch helps rows longer than a 4 KiB page (the hardware prefetcher stops at page
+// boundaries): Qwen-1.8B's mlp.c_proj (K = 5504) read 1.16-1.2x faster with it on the FMA paths,
+// while K = 2048 layers read 3-12% slower (Zen 4, interleaved). DpBf16 is not helped (0.92x).
 constexpr int64_t kPrefetchBytes = 16384;
+constexpr int64_t kPageBytes = 4096;
 
 template <class Path, int NR, int NM>
 inline void tile_store(const Problem& p, int64_t n, int64_t m, float* out) {
@@ -198,10 +202,14 @@ template <class Path>
 void run(const Problem& p) {
   if (p.M == 1) {
     const int64_t grain = std::max<int64_t>(1, kMinTaskElements / p.K);
+    const bool prefetch = Path::kPrefetchLongRows && p.K * 2 > kPageBytes;
     at::parallel_for(0, p.N, grain, [&](int64_t n0, int64_t n1) {
       float out[1];
       for (int64_t n = n0; n < n1; ++n) {
-        Path::template tile<1, 1, false>(p, n, 0, out);
+        if (prefetch)
+          Path::template tile<1, 1, true>(p, n, 0, out);
+        else
+          Path::template tile<1, 1, false>(p, n, 0, out);
         store<1, 1>(p, n, 0, out);
       }
     });
@@ -307,6 +315,7 @@ struct DpBf16 {
   using X = uint16_t;
   using Vec = __m512;
   static constexpr int kRows = 4, kM = 4;
+  static constexpr bool kPrefetchLongRows = false;  // at M = 1 (see kPageBytes)
   static constexpr int64_t kStep = 32;
 
   QK_AVX512BF16 static inline Vec zero() { return _mm512_setzero_ps(); }
@@ -353,6 +362,7 @@ struct ShiftBf16x512 {
   using X = float;
   using Vec = __m512;
   static constexpr int kRows = 4, kM = 4;
+  static constexpr bool kPrefetchLongRows = true;  // at M = 1 (see kPageBytes)
   static constexpr int64_t kStep = 32;
 
   QK_AVX512 static inline Vec zero() { return _mm512_setzero_ps(); }
@@ -401,6 +411,7 @@ struct CvtF16x512 {
   using X = float;
   using Vec = __m512;
   static constexpr int kRows = 4, kM = 4;
+  static constexpr bool kPrefetchLongRows = true;  // at M = 1 (see kPageBytes)
   static constexpr int64_t kStep = 32;
 
   QK_AVX512 static inline Vec zero() { return _mm512_setzero_ps(); }
@@ -474,6 +485,7 @@ struct ShiftBf16x256 {
   using X = float;
   using Vec = Chains<__m256>;
   static constexpr int kRows = 4, kM = 2;
+  static constexpr bool kPrefetchLongRows = true;  // at M = 1 (see kPageBytes)
   static constexpr int64_t kStep = 16;
 
   QK_AVX2 static inline Vec zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
@@ -513,6 +525,7 @@ struct CvtF16x256 {
   using X = float;
   using Vec = Chains<__m256>;
   static constexpr int kRows = 4, kM = 2;
+  static constexpr bool kPrefetchLongRows = true;  // at M = 1 (see kPageBytes)
   static constexpr int64_t kStep = 16;
 
   QK_AVX2 static inline Vec zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }

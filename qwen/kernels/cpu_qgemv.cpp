@@ -101,6 +101,7 @@ bool has_vnni() {
 
 constexpr int64_t kMinTaskBytes = int64_t(1) << 15;  // weight bytes a task covers at least
 constexpr int64_t kPrefetchBytes = 8192;       // L2 prefetch distance on the first pass over a tile
+constexpr int64_t kPageBytes = 4096;           // at M = 1, Path::kPrefetchLongRows: rows longer than this
 
 struct QProblem {
   const uint8_t* w;     // int8 [N, K] or packed nibbles [N, K/2]
@@ -148,10 +149,12 @@ inline void store(const QProblem& p, int64_t n, int64_t m, const float* out) {
 // M = 1 where Path::kPrefetchOne. The int4 kernels do enough work per byte that, left to the
 // hardware prefetcher, their reads and products take turns instead of overlapping: the prefetch made
 // a Qwen-1.8B decode step's int4 products 4-8% faster at level 3 and 35-50% at levels 1 and 2
-// (2 threads, Zen 4, interleaved in one process). The int8 ones stream as fast or faster without.
+// (2 threads, Zen 4, interleaved in one process). The 16-lane int8 ones stream as fast or faster
+// without, except I8x512 on rows longer than a 4 KiB page (kPrefetchLongRows: the hardware prefetcher
+// stops at page boundaries); the AVX2 one needs it on every row (I8x256).
 template <class Path, int NR, int NM>
 inline void tile_store(const QProblem& p, int64_t n, int64_t m, float* out) {
-  if (m == 0 && (p.M > 1 || Path::kPrefetchOne))
+  if (m == 0 && (p.M > 1 || Path::kPrefetchOne || (Path::kPrefetchLongRows && p.row_bytes > kPageBytes)))
     Path::template tile<NR, NM, true>(p, n, m, out);
   else
     Path::template tile<NR, NM, false>(p, n, m, out);
@@ -297,6 +300,7 @@ void prepare_vnni(const uint16_t* x, int64_t M, int64_t K, int64_t g, std::vecto
 struct I8x512 {
   static constexpr int kRows1 = 1, kRows = 4, kM = 4;
   static constexpr bool kPrefetchOne = false;  // int8 at M = 1 streams as fast without (measured)
+  static constexpr bool kPrefetchLongRows = true;  // K = 5504 rows: 1.34-1.41x (Zen 4, level 2)
 
   template <int NR, int NM, bool PF>
   QQ_AVX512 static void tile(const QProblem& p, int64_t n, int64_t m, float* out) {
@@ -353,6 +357,7 @@ struct I8x512 {
 struct I8Bf16 {
   static constexpr int kRows1 = 1, kRows = 4, kM = 4;
   static constexpr bool kPrefetchOne = false;  // int8 at M = 1 streams as fast without (measured)
+  static constexpr bool kPrefetchLongRows = false;
 
   template <int NR, int NM>
   QQ_AVX512BF16 static inline void dot(const __m512 (&lo)[NR], const __m512 (&hi)[NR], const uint16_t* x, int64_t xs,
@@ -424,7 +429,11 @@ struct I8x256 {
   // under the memory rate; 4 independent chains made a Qwen-1.8B step's int8 products 17% faster
   // (104.7 -> 86.7 ms, 2 threads, interleaved). The 16-lane I8x512 is faster with 1 (77.6 vs 92.7).
   static constexpr int kRows1 = 4, kRows = 4, kM = 2;
-  static constexpr bool kPrefetchOne = false;  // int8 at M = 1 streams as fast without (measured)
+  // Unlike the 16-lane int8 kernels, this one needs the prefetch at M = 1 too: Qwen-1.8B layers
+  // read 1.2-1.85x faster with it (AVX2 caps on Zen 4, interleaved; at levels 2 and 3 it cost
+  // 5-24% on K = 2048 layers).
+  static constexpr bool kPrefetchOne = true;
+  static constexpr bool kPrefetchLongRows = false;
 
   template <int NR, int NM, bool PF>
   QQ_AVX2 static void tile(const QProblem& p, int64_t n, int64_t m, float* out) {
@@ -516,6 +525,7 @@ alignas(64) const uint16_t kNibbleBf16[32] = {0x0000, 0x3F80, 0x4000, 0x4040, 0x
 struct I4Bf16 {
   static constexpr int kRows1 = 1, kRows = 2, kM = 4;
   static constexpr bool kPrefetchOne = true;  // see the driver
+  static constexpr bool kPrefetchLongRows = false;
   static constexpr int64_t kBlock = 64;
 
   template <int NR, int NM>
@@ -624,6 +634,7 @@ struct I4Bf16 {
 struct I4Vnni {
   static constexpr int kRows1 = 1, kRows = 2, kM = 4;
   static constexpr bool kPrefetchOne = true;  // see the driver
+  static constexpr bool kPrefetchLongRows = false;
   static constexpr int64_t kBlock = 128;
 
   template <int NR, int NM, bool PF>
@@ -687,6 +698,7 @@ struct I4Vnni {
 struct I4x512 {
   static constexpr int kRows1 = 4, kRows = 2, kM = 4;
   static constexpr bool kPrefetchOne = true;  // see the driver
+  static constexpr bool kPrefetchLongRows = false;
   static constexpr int64_t kBlock = 32;
 
   template <int NR, int NM, bool PF>
@@ -744,6 +756,7 @@ struct I4x256 {
   // ~0.9x of 1 row's time with 2 (interleaved). I4Bf16 stays at 1 row (2: 34.0 vs 32.9 ms).
   static constexpr int kRows1 = 4, kRows = 2, kM = 2;
   static constexpr bool kPrefetchOne = true;  // see the driver
+  static constexpr bool kPrefetchLongRows = false;
   static constexpr int64_t kBlock = 16;
 
   template <int NR, int NM, bool PF>
@@ -806,6 +819,7 @@ struct I4x256 {
 struct I4Avx2Int8 {
   static constexpr int kRows1 = 4, kRows = 2, kM = 2;
   static constexpr bool kPrefetchOne = true;  // see the driver
+  static constexpr bool kPrefetchLongRows = false;
   static constexpr int64_t kBlock = 64;
 
   template <int NR, int NM, bool PF>
