@@ -421,9 +421,9 @@ def int4_weight(packed, scales, mins, g):
     return w, size
 
 
-def check_quantized(y, x, w, w_size, b, what=""):
-    """The bound above for y against x @ w.T (+ b) in float64; returns the share of outputs equal to
-    the correctly rounded reference."""
+def check_quantized(y, x, w, w_size, b, what="", extra=0.0):
+    """The bound above (plus `extra`) for y against x @ w.T (+ b) in float64; returns the share of
+    outputs equal to the correctly rounded reference."""
     n, k = w.shape
     assert y.dtype == torch.bfloat16 and y.shape == (*x.shape[:-1], n), what
     xd = x.reshape(-1, k).double()
@@ -434,6 +434,7 @@ def check_quantized(y, x, w, w_size, b, what=""):
         size = size + b.double().abs()
     u = 2.0**-8
     bound = u * ref.abs() + 3 * (k + 64) * 2.0**-24 * size + u * torch.finfo(torch.bfloat16).smallest_normal
+    bound = bound + (1 + u) * extra
     err = (y.reshape(-1, n).double() - ref).abs()
     worst = (err - bound).max().item()
     assert worst <= 0, f"{what}: error exceeds the bound by {worst:.3g} (max error {err.max().item():.3g})"
@@ -445,9 +446,19 @@ def check_int8(y, x, q, scale, b, what=""):
     return check_quantized(y, x, w, w.abs(), b, what)
 
 
-def check_int4(y, x, packed, scales, mins, g, b, what=""):
+def fixed16_bound(x, size, g):
+    """Approach (c) (int4 at level 1): each x becomes a multiple of its group's unit d = 2^(e - 14),
+    2^e <= max |x| of the group < 2^(e + 1), exactly where it can (|x| >= 2^-7 max |x|), so
+    |x - x~| <= d / 2: the output moves by at most sum_k (|q_k| scale + |min|) d_k / 2."""
+    xd = x.reshape(-1, x.shape[-1]).double()
+    amax = xd.view(xd.shape[0], -1, g).abs().amax(-1)
+    unit = torch.where(amax > 0, torch.exp2(torch.floor(torch.log2(amax.clamp_min(1e-300))) - 14), 0.0)
+    return (unit.repeat_interleave(g, dim=1) / 2) @ size.double().T
+
+
+def check_int4(y, x, packed, scales, mins, g, b, what="", level=3):
     w, size = int4_weight(packed, scales, mins, g)
-    return check_quantized(y, x, w, size, b, what)
+    return check_quantized(y, x, w, size, b, what, fixed16_bound(x, size, g) if level == 1 else 0.0)
 
 
 @pytest.mark.parametrize("level", OFFERED, ids=[NAMES[level] for level in OFFERED])
@@ -475,11 +486,24 @@ def test_int4_matches_reference(built, level, group):
             for m in range(1, 17) if k == 3 * group and n == 17 else MS:
                 bias = [None, torch.bfloat16, torch.float32][(k + n + m) % 3]
                 x, packed, scales, mins, b = int4_case(m, n, k, group, bias, generator)
+                if m >= 2:
+                    x[1, ::group] *= 1024  # an outlier per group: level 1 rounds the small activations
                 y = kernels._int4_at(x, packed, scales, mins, group, b, level)
                 what = f"{NAMES[level]} g={group} M={m} N={n} K={k} bias={bias}"
-                exact += check_int4(y, x, packed, scales, mins, group, b, what) * m * n
+                exact += check_int4(y, x, packed, scales, mins, group, b, what, level) * m * n
                 total += m * n
     assert exact / total > 0.97, f"only {exact / total:.1%} of outputs are the correctly rounded result"
+
+
+@pytest.mark.parametrize("level", OFFERED, ids=[NAMES[level] for level in OFFERED])
+def test_int4_non_finite_activation_is_not_hidden(built, level):
+    """An inf or NaN activation makes its rows' outputs non-finite, as in the fp32 reference (level 1
+    rescales activations per group: a non-finite group must not turn into zeros)."""
+    generator = torch.Generator().manual_seed(11)
+    x, packed, scales, mins, _ = int4_case(3, 5, 256, 64, None, generator)
+    x[0, 70], x[1, 3] = float("inf"), float("nan")
+    y = kernels._int4_at(x, packed, scales, mins, 64, None, level)
+    assert not torch.isfinite(y[:2]).any() and torch.isfinite(y[2]).all()
 
 
 @pytest.mark.parametrize("level", OFFERED, ids=[NAMES[level] for level in OFFERED])
