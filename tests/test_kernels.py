@@ -310,7 +310,7 @@ CHILD = textwrap.dedent(
     for m, n, k, g in ((1, 17, 64, 32), (5, 67, 2048, 64), (16, 3, 256, 128), (3, 5, 512, 256)):
         x, packed, scales, mins, b = int4_case(m, n, k, g, None, generator)
         check_int4(kernels.int4_gemv(x, packed, scales, mins, g, b), x, packed, scales, mins, g, b,
-                   f"{name} int4 {m} {n} {k} {g}")
+                   f"{name} int4 {m} {n} {k} {g}", kernels._level)
         assert kernels.supports_int4(x, packed, scales, mins, g) == (name != "torch")
     print(json.dumps({"backend": name, "records": records, "warnings": [str(w.message) for w in caught]}))
     """
@@ -621,6 +621,38 @@ def test_int4_int8_activations_within_bound(built, group, level):
     full = kernels._int4_at(x, packed, scales, mins, group, b, level, exact=False)
     for i in range(13):
         assert torch.equal(kernels._int4_at(x[i:i + 1], packed, scales, mins, group, b, level, exact=False), full[i:i + 1])
+
+
+INT4_ENV_CHILD = textwrap.dedent(
+    """
+    import sys, torch
+    sys.path.insert(0, sys.argv[1])
+    from qwen import kernels
+    from tests.test_kernels import int4_case
+    kernels.backend()
+    x, packed, scales, mins, b = int4_case(2, 67, 2048, 64, None, torch.Generator().manual_seed(5))
+    y = kernels.int4_gemv(x, packed, scales, mins, 64, b)
+    at = [kernels._int4_at(x, packed, scales, mins, 64, b, kernels._level, exact=e) for e in (False, True)]
+    print(kernels._level, torch.equal(y, at[0]), torch.equal(y, at[1]))
+    """
+)
+
+
+@pytest.mark.parametrize("setting", ["int8", "bf16"])
+def test_int4_activations_setting(built, setting):
+    """QWEN_INT4_ACTIVATIONS=int8 (README) makes the model's int4 products round activations to int8
+    (approach (b)) where the CPU has that kernel; the default keeps the exact-activation kernel."""
+    env = dict(os.environ, QWEN_INT4_ACTIVATIONS=setting)
+    if expected_level(env) == 0:
+        pytest.skip("the kernels are off here (torch path): no int4 kernel to choose")
+    proc = subprocess.run([sys.executable, "-c", INT4_ENV_CHILD, str(REPO_ROOT)], capture_output=True, text=True,
+                          env=env, timeout=600, cwd=REPO_ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    level, as_int8, as_exact = proc.stdout.split()[-3:]
+    level = int(level)
+    assert level == expected_level(env)
+    rounds = setting == "int8" and (level < 3 or VNNI)
+    assert (as_int8, as_exact) == (("True", "False") if rounds else ("False", "True"))
 
 
 def test_every_kernel_source_ships_in_the_package():
