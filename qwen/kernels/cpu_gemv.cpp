@@ -153,8 +153,9 @@ inline void store(const Problem& p, int64_t n, int64_t m, const float* out) {
 
 // Tile shapes (measured on Zen 4 with bench/kernels.py and variants of this file):
 // - M = 1: one weight row at a time, so that each thread reads one sequential stream, which DRAM
-//   serves best; 4 interleaved rows, or K unrolled into several accumulators, read 5-15% slower,
-//   and a software prefetch made no measurable difference.
+//   serves best; 4 interleaved rows, or K unrolled into several accumulators, read 5-15% slower
+//   on the AVX-512 paths (the AVX2 ones need two accumulators: Chains), and a software prefetch
+//   helps only rows longer than a page (kPageBytes).
 // - M > 1: tiles of kRows weight rows x kM activation rows, so that each vector loaded feeds several
 //   products (at M >= 4 the products take as long as the reads), and a prefetch into L2 of the
 //   weights kPrefetchBytes ahead on the first pass over a tile (+7-30% at M = 4 and 8: without it
@@ -290,17 +291,6 @@ std::vector<float> prepare_x(const T* x, int64_t M, int64_t K, int64_t block, bo
   }
 
 // ----------------------------------------------------------------------------- AVX-512 kernels
-
-// The AVX2 paths keep two accumulators per output, one for each of the two FMAs of a block (even
-// and odd elements, or the block's two halves), summed at the end. With one, each FMA waited for the
-// one before (4 cycles), which capped a thread at 16 weights per 8 cycles: Qwen-1.8B bf16 layers at
-// M = 1 read 1.35-1.5x faster with two (fp16 1.1-1.3x; AVX2 caps on Zen 4, interleaved). The 16-lane
-// AVX-512 paths gained nothing from it (fp16 0.9-1.03x) and keep one.
-template <typename V>
-struct Chains {
-  V a, b;
-};
-
 
 QK_AVX512 inline __mmask32 tail_mask32(int64_t count) {  // count in 1..31
   return static_cast<__mmask32>((uint32_t(1) << count) - 1);
@@ -467,6 +457,16 @@ QK_AVX2 inline float hsum256(__m256 v) {
   const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
 }
+
+// The AVX2 paths keep two accumulators per output, one for each of the two FMAs of a block (even
+// and odd elements, or the block's two halves), summed at the end. With one, each FMA waited for the
+// one before (4 cycles), which capped a thread at 16 weights per 8 cycles: Qwen-1.8B bf16 layers at
+// M = 1 read 1.35-1.5x faster with two (fp16 1.1-1.3x; AVX2 caps on Zen 4, interleaved). The 16-lane
+// AVX-512 paths gained nothing from it (fp16 0.9-1.03x) and keep one.
+template <typename V>
+struct Chains {
+  V a, b;
+};
 
 // The last K - k < 16 weights of NR rows, zero padded to 16, so that the tail runs the vector body
 // (AVX2 has no 16-bit masked loads).
