@@ -269,6 +269,21 @@ def test_a_takes_token_ids_and_the_extensions_b_sends(engine_a, server_a):
 # ----------------------------------------------------------------------------- limits and refusals
 
 
+def test_shutdown_right_after_a_reply_leaves_no_task_pending(checkpoint, server_a):
+    """A command that exits right after its last reply (cli_demo --upstream --prompt) shuts the
+    upstream engine down at once: nothing may be left pending on its loop, which Python reports at
+    exit as "Task was destroyed but it is pending!" (a CI run caught one: the reader of the reply's
+    lines, left to the loop to close)."""
+    import asyncio
+
+    for _ in range(3):
+        engine = load_upstream_engine(checkpoint, upstream_args(server_a.url))
+        out = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=3)).result()
+        engine.shutdown()
+        assert out.finish_reason in ("stop", "length")
+        assert not asyncio.all_tasks(engine._loop)
+
+
 def test_max_tokens_beyond_the_context_is_a_400(client_b, http_b):
     with pytest.raises(openai.BadRequestError) as info:
         chat(client_b, max_tokens=MAX_CONTEXT)

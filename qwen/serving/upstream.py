@@ -262,34 +262,41 @@ class UpstreamEngine:
             if response.status_code != 200:
                 await response.aread()
                 raise _status_error(response.status_code, response.text)
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                if "error" in chunk and not chunk.get("choices"):  # an error event inside the stream
-                    error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": chunk["error"]}
-                    raise UpstreamError(f"the upstream failed the request: {error.get('message')}", 502,
-                                        "upstream_error")
-                usage = chunk.get("usage") or {}
-                if usage.get("completion_tokens") is not None:
-                    completion = usage["completion_tokens"]
-                    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-                for choice in chunk.get("choices") or []:
-                    finish = choice.get("finish_reason") or finish
-                    output = reader.read(choice.get("text") or "", choice.get("logprobs"))
-                    if output is None:
+            lines = response.aiter_lines()
+            try:
+                async for line in lines:
+                    if not line.startswith("data:"):
                         continue
-                    if output.text:
-                        now = time.perf_counter()
-                        name = "time_to_first_token" if not text else "inter_token_latency"
-                        for observer in self.observers:
-                            observer(name, now - last)
-                        last = now
-                        text.append(output.text)
-                    stream._push(output)
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    chunk = json.loads(data)
+                    if "error" in chunk and not chunk.get("choices"):  # an error event inside the stream
+                        error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": chunk["error"]}
+                        raise UpstreamError(f"the upstream failed the request: {error.get('message')}", 502,
+                                            "upstream_error")
+                    usage = chunk.get("usage") or {}
+                    if usage.get("completion_tokens") is not None:
+                        completion = usage["completion_tokens"]
+                        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+                    for choice in chunk.get("choices") or []:
+                        finish = choice.get("finish_reason") or finish
+                        output = reader.read(choice.get("text") or "", choice.get("logprobs"))
+                        if output is None:
+                            continue
+                        if output.text:
+                            now = time.perf_counter()
+                            name = "time_to_first_token" if not text else "inter_token_latency"
+                            for observer in self.observers:
+                                observer(name, now - last)
+                            last = now
+                            text.append(output.text)
+                        stream._push(output)
+            finally:
+                # Close the line reader here: left suspended (after [DONE]), it would be closed by a
+                # task of the loop's own, which a shutdown right after the reply can leave pending
+                # ("Task was destroyed but it is pending!" at exit).
+                await lines.aclose()
         if finish is None:
             raise UpstreamError("the upstream ended the reply without a finish reason", 502, "upstream_bad_reply")
         if completion is None:  # an upstream without stream usage: count the text's tokens
@@ -336,6 +343,12 @@ class UpstreamEngine:
 
         async def close():
             await self._client.aclose()
+            # Finish what is still scheduled (cancelled requests, async generators httpx left to be
+            # closed by the loop) before the loop stops: a task left pending is reported at exit.
+            await self._loop.shutdown_asyncgens()
+            others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            if others:
+                await asyncio.wait(others, timeout=5)
 
         try:
             asyncio.run_coroutine_threadsafe(close(), self._loop).result(timeout=10)
