@@ -388,7 +388,8 @@ def test_bench_smoke():
 # (int8: sum_k |x_k w~_k| + |bias|), each output is within
 #     u * |reference| + 3 * (K + 64) * 2^-24 * S + u * smallest_normal      (u = 2^-8: bf16 output)
 # the one bf16 rounding of the output plus fp32 summation (a dropped tail, a wrong nibble order or
-# scale exceeds it by orders of magnitude). Approach (a) of issue 13: no activation rounding.
+# scale exceeds it by orders of magnitude). Approach (a) of issue 13: no activation rounding; int4
+# at level 1 runs approach (c) instead, whose activation rounding adds fixed16_bound below.
 
 GROUPS = [32, 64, 128, 256]
 
