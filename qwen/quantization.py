@@ -154,10 +154,21 @@ def chunked_linear(x2: torch.Tensor, out_features: int, weight_rows, bias: torch
     rows, k = x2.shape
     n = out_features
     compute = gemm_dtype(x2.dtype, x2.device)
-    x_in = x2 if compute == x2.dtype else x2.to(compute)
-    bias = None if bias is None else bias.to(compute)
     step = min(n, max(16, chunk // k // 16 * 16))
     scratch = _scratch("weight", step * k, compute, x2.device)
+    # qwen.kernels' GEMM (where it runs) widens x2 itself and writes each chunk's columns in place.
+    kernels = _own_kernels(x2) if compute != x2.dtype else None
+    if kernels is not None:
+        y = torch.empty(rows, n, dtype=x2.dtype, device=x2.device)
+        for start in range(0, n, step):
+            end = min(start + step, n)
+            w = weight_rows(start, end, compute, scratch[: (end - start) * k].view(end - start, k))
+            if kernels.gemm(x2, w, None if bias is None else bias[start:end], y[:, start:end]) is None:
+                break
+        else:
+            return y
+    x_in = x2 if compute == x2.dtype else x2.to(compute)
+    bias = None if bias is None else bias.to(compute)
     y = None
     for start in range(0, n, step):
         end = min(start + step, n)

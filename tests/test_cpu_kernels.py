@@ -14,6 +14,7 @@ from torch import nn
 import qwen
 import qwen.quantization as Q
 from qwen import kernels
+from qwen.kernels import linear as linear_module
 from qwen.kernels.linear import KernelLinear, use_kernels, use_torch
 from qwen.serving import Engine, SamplingParams
 from qwen.tools.tiny_checkpoint import build
@@ -76,14 +77,39 @@ def test_engine_runs_on_the_kernel_and_stays_greedy_consistent(checkpoint):
         engine.shutdown()
 
 
+def gemm_path(monkeypatch, path) -> list:
+    """Make KernelLinear's and the quantized layers' many-row products take `path`: "qwen" (our
+    GEMM, the avx2 path's) or "torch" (F.linear on fp32 chunks); returns a list that counts the
+    calls our GEMM ran."""
+    calls = []
+    if path == "qwen":
+        monkeypatch.setattr(kernels, "_level", 1)  # any x86 CPU with a kernel runs the avx2 path
+        real = kernels.gemm
+
+        def counted(*args, **kwargs):
+            y = real(*args, **kwargs)
+            calls.append(y is not None)
+            return y
+
+        monkeypatch.setattr(kernels, "gemm", counted)
+        monkeypatch.setattr(linear_module, "gemm", counted)
+    else:
+        monkeypatch.setattr(kernels, "gemm", lambda *args, **kwargs: None)
+        monkeypatch.setattr(linear_module, "gemm", lambda *args, **kwargs: None)
+    return calls
+
+
 @pytest.mark.skipif(not ON, reason="KernelLinear needs qwen.kernels")
+@pytest.mark.parametrize("path", ["qwen", "torch"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_prefill_without_native_16_bit_products_multiplies_in_fp32(monkeypatch, dtype):
+def test_prefill_without_native_16_bit_products_multiplies_in_fp32(monkeypatch, dtype, path):
     """More rows than a decode step on a CPU whose torch emulates 16-bit products (ATEN_CPU_CAPABILITY
-    =avx2 simulates one): the weight widened to fp32 a chunk at a time (4 chunks, the last partial),
-    an fp32 product with the bias, one rounding."""
+    =avx2 simulates one): our GEMM (widening as it packs), or the weight widened to fp32 a chunk at
+    a time (4 chunks, the last partial) for F.linear; either way an fp32 product with the bias, one
+    rounding."""
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
     monkeypatch.setattr(Q, "_NATIVE_GEMM", {})
+    calls = gemm_path(monkeypatch, path)
     layer = nn.Linear(192, 200).to(dtype)
     layer.__class__ = KernelLinear
     layer.gemm_chunk = 64 * 192
@@ -98,6 +124,7 @@ def test_prefill_without_native_16_bit_products_multiplies_in_fp32(monkeypatch, 
     assert y.shape == (2, 40, 200) and y.dtype == dtype
     half_ulp = torch.finfo(dtype).eps / 2 * 2.0 ** torch.floor(torch.log2(ref.abs().clamp_min(1e-30)))
     assert ((y.float() - ref).abs() <= half_ulp + 1e-5 * ref.abs().max()).all()
+    assert calls == ([True, True] if path == "qwen" else [])
 
 
 def test_use_kernels_is_idempotent_and_leaves_other_layers(checkpoint):

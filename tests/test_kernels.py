@@ -267,6 +267,94 @@ def test_autograd_falls_back(built):
         check_gemv(kernels.gemv(x, w, b), x, w.detach(), b, "Parameter under inference_mode")
 
 
+# ----------------------------------------------------------------------------- the many-row GEMM (cpu_gemm.cpp)
+#
+# Runs at every offered level (it is 256-bit AVX2 code; qwen.kernels.gemm uses it on the avx2 path).
+# The shapes cross its blocks: M over 480 rows (and not a multiple of the 6-row tile), N not a multiple
+# of the 16-column tile, K over 256 (and not a multiple of the 8-element loads).
+
+GEMM_SHAPES = [(1, 1, 1), (5, 17, 9), (6, 16, 8), (37, 100, 300), (487, 33, 520), (70, 260, 257)]
+GEMM_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.skipif(not OFFERED, reason="the GEMM needs AVX2 + FMA + F16C")
+@pytest.mark.parametrize("x_dtype", DTYPES, ids=["bf16", "fp16"])
+def test_gemm_matches_fp32_reference(built, x_dtype):
+    generator = torch.Generator().manual_seed(20)
+    exact, total = 0.0, 0
+    for w_dtype in GEMM_DTYPES:
+        for i, (m, n, k) in enumerate(GEMM_SHAPES):
+            bias = [None, x_dtype, torch.float32][i % 3]
+            x = torch.randn(m, k, generator=generator).to(x_dtype)
+            w = torch.randn(n, k, generator=generator).to(w_dtype)
+            b = None if bias is None else torch.randn(n, generator=generator).to(bias)
+            y = kernels._gemm_at(x, w, b, None, 1)
+            if w_dtype == torch.float32:  # products no longer exact in fp32: compare with fp32 products
+                w = w.to(torch.float64)
+            exact += check_against_fp32(y, x, w, b, f"{w_dtype} M={m} N={n} K={k} bias={bias}") * m * n
+            total += m * n
+    assert exact / total > 0.99, f"only {exact / total:.1%} of outputs are the correctly rounded fp32 result"
+
+
+@pytest.mark.skipif(not OFFERED, reason="the GEMM needs AVX2 + FMA + F16C")
+def test_gemm_fp32_activations():
+    generator = torch.Generator().manual_seed(21)
+    x, w = torch.randn(50, 300, generator=generator), torch.randn(70, 300, generator=generator).half()
+    y = kernels._gemm_at(x, w, None, None, 1)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, x @ w.float().T, rtol=0, atol=1e-4)
+
+
+@pytest.mark.skipif(not OFFERED, reason="the GEMM needs AVX2 + FMA + F16C")
+def test_gemm_rows_threads_and_out_slices_do_not_change_results(built):
+    """One fixed-order fp32 sum per output: the same bits whatever M, the threads, or whether the
+    result goes into a column slice of a wider tensor (whose other columns stay as they were)."""
+    generator = torch.Generator().manual_seed(22)
+    x = torch.randn(490, 300, generator=generator).to(torch.float16)
+    w = torch.randn(100, 300, generator=generator).to(torch.float16)
+    b = torch.randn(100, generator=generator)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(max(threads, 2))
+        full = kernels._gemm_at(x, w, b, None, 1)
+        for rows in (slice(0, 1), slice(5, 11), slice(479, 490)):
+            assert torch.equal(kernels._gemm_at(x[rows], w, b, None, 1), full[rows])
+        torch.set_num_threads(1)
+        single = kernels._gemm_at(x, w, b, None, 1)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(single, full)
+    wide = torch.full((490, 130), 7.0, dtype=torch.float16)
+    returned = kernels._gemm_at(x, w[:40], b[:40], wide[:, 10:50], 1)
+    assert returned.data_ptr() == wide[:, 10:50].data_ptr()
+    assert torch.equal(wide[:, 10:50], full[:, :40])
+    assert (wide[:, :10] == 7).all() and (wide[:, 50:] == 7).all()
+
+
+@pytest.mark.skipif(not OFFERED, reason="the GEMM needs AVX2 + FMA + F16C")
+def test_gemm_declines_what_it_does_not_take(built):
+    generator = torch.Generator().manual_seed(23)
+    x, w = torch.randn(8, 32, generator=generator).half(), torch.randn(16, 32, generator=generator).half()
+    declined = {
+        "columns not contiguous": (x.T.contiguous().T, w, None, None),
+        "weight columns not contiguous": (x, w.T.contiguous().T, None, None),
+        "K differs": (x, w[:, :16], None, None),
+        "integer weight": (x, w.to(torch.int8), None, None),
+        "3-D activations": (x.reshape(2, 4, 32), w, None, None),
+        "bias of the wrong length": (x, w, torch.zeros(15), None),
+        "out of another dtype": (x, w, None, torch.empty(8, 16)),
+        "out of another shape": (x, w, None, torch.empty(8, 17, dtype=torch.float16)),
+        "M = 0": (x[:0], w, None, None),
+    }
+    for what, (xx, ww, bb, out) in declined.items():
+        assert kernels._gemm_at(xx, ww, bb, out, 1) is None, what
+    p = torch.nn.Parameter(w.clone())
+    assert kernels._gemm_at(x, p, None, None, 1) is None  # an autograd graph to record
+    with torch.no_grad():
+        assert kernels._gemm_at(x, p, None, None, 1) is not None
+    assert (kernels.gemm(x, w) is not None) == (built == "avx2")  # the public entry runs on the avx2 path only
+
+
 # ----------------------------------------------------------------------------- subprocesses: caps and failures
 
 
@@ -312,6 +400,12 @@ CHILD = textwrap.dedent(
         check_int4(kernels.int4_gemv(x, packed, scales, mins, g, b), x, packed, scales, mins, g, b,
                    f"{name} int4 {m} {n} {k} {g}", kernels._level)
         assert kernels.supports_int4(x, packed, scales, mins, g) == (name != "torch")
+    from tests.test_kernels import check_against_fp32
+    x, w, b = random_case(40, 70, 300, torch.float16, torch.float16, generator)
+    y = kernels.gemm(x, w, b)
+    assert (y is not None) == (name == "avx2"), name
+    if y is not None:
+        check_against_fp32(y, x, w, b, "gemm")
     print(json.dumps({"backend": name, "records": records, "warnings": [str(w.message) for w in caught]}))
     """
 )
@@ -358,7 +452,7 @@ def test_build_failure_falls_back_to_torch(built, tmp_path, failure):
         broken = tmp_path / "broken"
         broken.mkdir()
         (broken / "cpu_gemv.cpp").write_text("this is not C++;\n")
-        for other in ("cpu_qgemv.cpp", "cpu_ops.cpp", "common.h"):
+        for other in set(kernels._SOURCES + kernels._HEADERS) - {"cpu_gemv.cpp"}:
             (broken / other).write_text((REPO_ROOT / "qwen" / "kernels" / other).read_text())
     result = run_child(broken, **env)
     assert result["backend"] == "torch"

@@ -176,12 +176,20 @@ def test_gemm_dtype_follows_the_cpu(monkeypatch):
     assert Q.gemm_dtype(torch.bfloat16, "cpu") == Q.gemm_dtype(torch.float16, "cpu") == torch.float32
 
 
+@pytest.mark.parametrize("path", ["qwen", "torch"])
 @pytest.mark.parametrize("kind", ["int8", "int4:64"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_large_m_multiplies_in_fp32_without_native_16_bit_products(monkeypatch, kind, dtype):
+def test_large_m_multiplies_in_fp32_without_native_16_bit_products(monkeypatch, kind, dtype, path):
     """Prefill on such a CPU: the weights dequantized to fp32 (in 64-row chunks here), an fp32 GEMM
-    with the bias, one rounding to the activations' dtype."""
+    (ours, writing each chunk's columns in place, or F.linear) with the bias, one rounding to the
+    activations' dtype."""
+    from qwen import kernels
+    from tests.test_cpu_kernels import gemm_path
+
+    if path == "qwen" and kernels.backend() == "torch":
+        pytest.skip("our GEMM needs qwen.kernels")
     _emulated_16_bit(monkeypatch)
+    calls = gemm_path(monkeypatch, path)
     layer = _quantize(_linear(208, 256, dtype=dtype), kind)
     layer.gemm_chunk = 64 * 256
     x = torch.randn(3, 70, 256, generator=torch.Generator().manual_seed(2)).to(dtype)
@@ -189,6 +197,7 @@ def test_large_m_multiplies_in_fp32_without_native_16_bit_products(monkeypatch, 
     y = layer(x)
     assert y.shape == (3, 70, 208) and y.dtype == dtype
     assert _one_rounding(y, ref)
+    assert calls == ([True] * 4 if path == "qwen" else [])  # 208 rows in 64-row chunks
 
 
 def test_int4_without_torch_kernel_uses_dequantize(monkeypatch):

@@ -91,7 +91,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "MAX_ROWS", "attention", "backend", "gemv", "int4_gemv", "int8_gemv", "rms_norm", "rotary_qk", "supports",
+    "MAX_ROWS", "attention", "backend", "gemm", "gemv", "int4_gemv", "int8_gemv", "rms_norm", "rotary_qk", "supports",
     "supports_int4", "supports_int8",
 ]
 
@@ -99,7 +99,7 @@ logger = logging.getLogger("qwen.kernels")
 
 MAX_ROWS = 16  # activation rows per call; above it a matmul is compute bound and F.linear is the better kernel
 
-_SOURCES = ("cpu_gemv.cpp", "cpu_qgemv.cpp", "cpu_ops.cpp")
+_SOURCES = ("cpu_gemv.cpp", "cpu_qgemv.cpp", "cpu_ops.cpp", "cpu_gemm.cpp")
 _HEADERS = ("common.h",)  # included by the sources: part of the build tag
 _CFLAGS = ("-O3",)
 _NAMES = {0: "torch", 1: "avx2", 2: "avx512", 3: "avx512_bf16"}
@@ -147,6 +147,19 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         if y is not None:
             return y
     return F.linear(x, weight, bias)
+
+
+def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x [M, K] @ weight[N, K].T (+ bias [N]) for many rows with fp32 products and sums, rounded once
+    to x.dtype (x, weight, bias each fp32, bf16 or fp16; rows contiguous), written into `out` [M, N]
+    when given (a column slice is fine); None where it does not run. It runs on the avx2 path only
+    (cpu_gemm.cpp: 256-bit FMA, as fast as AVX-512's on Zen 4; CPUs with wider FMA keep torch's)."""
+    if not _ready:
+        _ensure()
+    if _level != 1 or not all(type(t) in _PLAIN for t in (x, weight) + tuple(t for t in (bias, out) if t is not None)):
+        return None
+    return _ext.gemm(x, weight, bias, out, _level)
 
 
 # ----------------------------------------------------------------------------- int8 / int4 weights
@@ -233,6 +246,11 @@ def _int4_at(x, packed, scales, mins, group_size, bias, level: int, exact: bool 
     if y is None:
         raise ValueError("these tensors are not supported by the kernel")
     return y
+
+
+def _gemm_at(x, weight, bias, out, level: int) -> torch.Tensor | None:
+    _check_level(level)
+    return _ext.gemm(x, weight, bias, out, level)
 
 
 def _check_level(level: int) -> None:

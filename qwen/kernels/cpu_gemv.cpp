@@ -658,6 +658,7 @@ namespace qwen_kernels {
 int64_t cpu_isa() { return ::cpu_isa(); }
 void bind_quantized(pybind11::module_& m);  // cpu_qgemv.cpp
 void bind_ops(pybind11::module_& m);        // cpu_ops.cpp
+void bind_gemm(pybind11::module_& m);       // cpu_gemm.cpp
 }  // namespace qwen_kernels
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -671,4 +672,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("bias"), py::arg("isa"), py::call_guard<py::gil_scoped_release>());
   qwen_kernels::bind_quantized(m);
   qwen_kernels::bind_ops(m);
+  qwen_kernels::bind_gemm(m);
 }

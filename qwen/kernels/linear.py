@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..quantization import chunked_linear, gemm_dtype
-from . import MAX_ROWS, backend, gemv
+from . import MAX_ROWS, backend, gemm, gemv
 
 
 class KernelLinear(nn.Linear):
@@ -33,8 +33,11 @@ class KernelLinear(nn.Linear):
         weight = self.weight
         if x.numel() > MAX_ROWS * self.in_features and gemm_dtype(weight.dtype, weight.device) != weight.dtype \
                 and x.dtype == weight.dtype and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-            return chunked_linear(x.reshape(-1, self.in_features), self.out_features, self._weight_rows, self.bias,
-                                  self.gemm_chunk).view(*x.shape[:-1], self.out_features)
+            x2 = x.reshape(-1, self.in_features)
+            y = gemm(x2, weight, self.bias)  # qwen.kernels' fp32 GEMM, widening as it packs (the avx2 path)
+            if y is None:
+                y = chunked_linear(x2, self.out_features, self._weight_rows, self.bias, self.gemm_chunk)
+            return y.view(*x.shape[:-1], self.out_features)
         return gemv(x, weight, self.bias)
 
     def _weight_rows(self, start: int, end: int, dtype: torch.dtype, out: torch.Tensor) -> torch.Tensor:
