@@ -1,17 +1,19 @@
-"""Prefill on a CPU without native 16-bit products: torch's 16-bit GEMM against ours in fp32.
+"""Prefill on a CPU without native 16-bit products: torch's 16-bit GEMM, torch's fp32 GEMM, ours.
 
     python bench/prefill.py --shape 1_8b --layers 6 --dtype float16 --prompt-len 512
-    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 QWEN_KERNELS=avx2 \\
+    ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 QWEN_KERNELS=avx2 \\
         python bench/prefill.py --shape 1_8b --layers 6 --dtype bfloat16     # an AVX2-only CPU, simulated
     python bench/prefill.py --smoke
 
 Where the CPU has no native products for a 16-bit dtype (fp16 without AMX-FP16; bf16 without
 AVX512_BF16 or AMX; `qwen.quantization.native_cpu_gemm`), torch emulates them in its 16-bit GEMM.
-There our prefill widens the weights to fp32 a chunk at a time and multiplies in fp32 (16-bit
-models and the int8/int4 layers' many-rows path alike). This times a prompt's forward (the cache
-filled, logits for the last position, as generate() does) both ways in one process, alternating,
-and prints the medians, min-max, the ratio, and how far each path's last logits are from the same
-model computed in fp32.
+There our prefill multiplies in fp32 (16-bit models and the int8/int4 layers' many-rows path
+alike): on the avx2 kernel path with qwen.kernels' own GEMM (cpu_gemm.cpp, widening or dequantizing
+the weights as it packs them), elsewhere with torch's fp32 GEMM on weights widened a chunk at a
+time. This times a prompt's forward (the cache filled, logits for the last position, as generate()
+does) each way in one process, alternating ("fp32 qwen" where our GEMM runs), and prints the
+medians, min-max, the ratios, and how far each path's last logits are from the same model computed
+in fp32.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import DTYPES, QUANTIZED, SHAPES, print_machine, random_model  # noqa: E402  (bench/decode.py)
 
 import qwen.quantization as Q  # noqa: E402
+from qwen import kernels  # noqa: E402
 from qwen.kernels.linear import use_kernels  # noqa: E402
 
 
@@ -71,20 +74,26 @@ def main(argv=None):
           f"{activations} products native on this CPU: {Q.native_cpu_gemm(activations)} "
           f"(so by default prefill multiplies in {Q.gemm_dtype(activations, 'cpu')})")
     name = str(activations).removeprefix("torch.")
-    modes = {f"torch {name}": True, "fp32": False}  # _NATIVE_GEMM: True = torch's 16-bit GEMM
-    saved = dict(Q._NATIVE_GEMM)
+    # (torch's 16-bit GEMM?, qwen.kernels' GEMM?) per mode: ours runs on the avx2 kernel path only.
+    modes = {f"torch {name}": (True, False), "fp32 torch": (False, False)}
+    if kernels.backend() == "avx2":
+        modes["fp32 qwen"] = (False, True)
+    else:
+        print(f"(qwen.kernels' GEMM runs on the avx2 path only; this process runs {kernels.backend()})")
+    saved, saved_gemm = dict(Q._NATIVE_GEMM), kernels.GEMM
     seconds = {mode: [] for mode in modes}
     logits = {}
     try:
         for repeat in range(args.repeats + 1):  # the first round warms up (scratch buffers, oneDNN)
-            for mode, native in modes.items():
-                Q._NATIVE_GEMM[activations] = native
+            for mode, (native, ours) in modes.items():
+                Q._NATIVE_GEMM[activations], kernels.GEMM = native, ours
                 elapsed, logits[mode] = last_logits(model, ids)
                 if repeat:
                     seconds[mode].append(elapsed)
     finally:
         Q._NATIVE_GEMM.clear()
         Q._NATIVE_GEMM.update(saved)
+        kernels.GEMM = saved_gemm
     reference = last_logits(model.float(), ids)[1] if not quantized else None
 
     print(f"\n{'GEMM':<16} {'median ms':>10} {'min-max':>16} {'tok/s':>8} {'max |logit - fp32 model|':>26}")
@@ -93,8 +102,12 @@ def main(argv=None):
         print(f"{mode:<16} {1e3 * statistics.median(times):>10.1f} "
               f"{f'{1e3 * min(times):.0f}-{1e3 * max(times):.0f}':>16} "
               f"{args.prompt_len / statistics.median(times):>8.1f} {error:>26}")
-    first, second = (statistics.median(t) for t in seconds.values())
-    print(f"\nfp32 products: {first / second:.2f}x the speed of torch's {name} GEMM")
+    median = {mode: statistics.median(times) for mode, times in seconds.items()}
+    print(f"\nfp32 products (torch's GEMM): {median[f'torch {name}'] / median['fp32 torch']:.2f}x the speed of "
+          f"torch's {name} GEMM")
+    if "fp32 qwen" in median:
+        print(f"fp32 products (qwen's GEMM): {median['fp32 torch'] / median['fp32 qwen']:.2f}x the speed of torch's "
+              f"fp32 GEMM, {median[f'torch {name}'] / median['fp32 qwen']:.2f}x that of its {name} GEMM")
 
 
 if __name__ == "__main__":

@@ -307,8 +307,18 @@ class _QuantizedLinear(nn.Module):
 
     def _dequantized_linear(self, x2: torch.Tensor) -> torch.Tensor:
         """x2 @ w~.T + bias through F.linear, dequantizing `gemm_chunk` weights at a time into scratch
-        (in fp32 where the CPU has no native products for x2's dtype: chunked_linear)."""
+        (in fp32 where the CPU has no native products for x2's dtype: chunked_linear). There, where
+        qwen.kernels' GEMM runs, it dequantizes as it packs instead (no scratch, no torch passes)."""
+        if gemm_dtype(x2.dtype, x2.device) != x2.dtype:
+            kernels = _own_kernels(x2)
+            y = None if kernels is None else self._own_gemm(kernels, x2)
+            if y is not None:
+                return y
         return chunked_linear(self._gemm_input(x2), self.out_features, self._gemm_weight, self.bias, self.gemm_chunk)
+
+    def _own_gemm(self, kernels, x2: torch.Tensor) -> torch.Tensor | None:
+        """qwen.kernels' many-row product (fp32 products, one rounding to x2's dtype), or None."""
+        raise NotImplementedError
 
 
 class _FrozenQuantizedProduct(torch.autograd.Function):
@@ -410,6 +420,9 @@ class Int8Linear(_QuantizedLinear):
 
     def _own_call(self, kernels, x2):
         return kernels._int8_or_none(x2, self.qweight, self.scale, self.bias)
+
+    def _own_gemm(self, kernels, x2):
+        return kernels.int8_gemm(x2, self.qweight, self.scale, self.bias)
 
     def _kernel(self, x2):
         # torch 2.13's kernel reads past the row (wrong sums, even a crash) unless K is a multiple
@@ -566,6 +579,9 @@ class Int4Linear(_QuantizedLinear):
 
     def _own_call(self, kernels, x2):
         return kernels._int4_or_none(x2, self.packed, self.scales, self.mins, self.group_size, self.bias)
+
+    def _own_gemm(self, kernels, x2):
+        return kernels.int4_gemm(x2, self.packed, self.scales, self.mins, self.group_size, self.bias)
 
     def _kernel(self, x2):
         if self.packed_cpu is None:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from qwen import kernels
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -92,11 +94,16 @@ def test_decode_bench_against_torch_kernels():
 
 
 @pytest.mark.parametrize("dtype", ["float16", "int4"])
-def test_prefill_bench_smoke(dtype):
+@pytest.mark.parametrize("kernel_path", ["auto", "avx2"])
+def test_prefill_bench_smoke(dtype, kernel_path, monkeypatch):
+    monkeypatch.setenv("QWEN_KERNELS", kernel_path)  # avx2: qwen.kernels' GEMM is timed too
     out = run_bench("prefill.py", "--smoke", "--dtype", dtype)
     assert re.search(r"(?m)^torch (float16|bfloat16) +[\d.]+ +\d+-\d+ +[\d.]+ ", out), out
-    assert re.search(r"(?m)^fp32 +[\d.]+ +\d+-\d+ +[\d.]+ ", out), out
-    assert re.search(r"fp32 products: [\d.]+x the speed", out), out
+    assert re.search(r"(?m)^fp32 torch +[\d.]+ +\d+-\d+ +[\d.]+ ", out), out
+    assert re.search(r"fp32 products \(torch's GEMM\): [\d.]+x the speed", out), out
+    ours = kernels.backend() == "avx2" or (kernel_path == "avx2" and kernels._cpu_level >= 1)
+    assert bool(re.search(r"(?m)^fp32 qwen +[\d.]+ +\d+-\d+ +[\d.]+ ", out)) == ours, out
+    assert ("fp32 products (qwen's GEMM)" in out) == ours, out
 
 
 def test_engine_step_bench_smoke():

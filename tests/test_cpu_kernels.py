@@ -84,18 +84,19 @@ def gemm_path(monkeypatch, path) -> list:
     calls = []
     if path == "qwen":
         monkeypatch.setattr(kernels, "_level", 1)  # any x86 CPU with a kernel runs the avx2 path
-        real = kernels.gemm
 
-        def counted(*args, **kwargs):
-            y = real(*args, **kwargs)
-            calls.append(y is not None)
-            return y
+        def counted(real):
+            def call(*args, **kwargs):
+                y = real(*args, **kwargs)
+                calls.append(y is not None)
+                return y
 
-        monkeypatch.setattr(kernels, "gemm", counted)
-        monkeypatch.setattr(linear_module, "gemm", counted)
+            return call
+
+        for module, name in ((kernels, "gemm"), (linear_module, "gemm"), (kernels, "int8_gemm"), (kernels, "int4_gemm")):
+            monkeypatch.setattr(module, name, counted(getattr(module, name)))
     else:
-        monkeypatch.setattr(kernels, "gemm", lambda *args, **kwargs: None)
-        monkeypatch.setattr(linear_module, "gemm", lambda *args, **kwargs: None)
+        monkeypatch.setattr(kernels, "GEMM", False)
     return calls
 
 

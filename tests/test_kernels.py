@@ -733,6 +733,32 @@ INT4_ENV_CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.skipif(not OFFERED, reason="the GEMM needs AVX2 + FMA + F16C")
+def test_quantized_gemm_matches_reference(built):
+    """cpu_gemm.cpp's int8 / int4 weights, dequantized (the canonical fp32 w~) as they are packed:
+    the bound above without activation rounding, over shapes that cross the GEMM's blocks."""
+    generator = torch.Generator().manual_seed(24)
+    for i, (m, n, k) in enumerate([(1, 1, 64), (5, 17, 9), (37, 100, 300), (487, 33, 520), (70, 260, 768)]):
+        bias = [None, torch.bfloat16, torch.float32][i % 3]
+        x, q, scale, b = int8_case(m, n, k, bias, generator)
+        check_int8(kernels._ext.gemm_int8(x, q, scale, b, None, 1), x, q, scale, b, f"int8 M={m} N={n} K={k}")
+        for g in GROUPS:
+            kk = max(g, k // g * g)
+            x, packed, scales, mins, b = int4_case(m, n, kk, g, bias, generator)
+            y = kernels._ext.gemm_int4(x, packed, scales, mins, g, b, None, 1)
+            check_int4(y, x, packed, scales, mins, g, b, f"int4 M={m} N={n} K={kk} g={g}")
+    x, packed, scales, mins, b = int4_case(4, 8, 128, 64, None, generator)
+    for what, args in {"group not dividing K": (x, packed, scales[:, :1], mins[:, :1], 96),
+                       "fp16 scales": (x, packed, scales.half(), mins, 64),
+                       "K differs": (x[:, :64], packed, scales, mins, 64)}.items():
+        assert kernels._ext.gemm_int4(*args, None, None, 1) is None, what
+    x, q, scale, b = int8_case(4, 8, 16, None, generator)
+    assert kernels._ext.gemm_int8(x, q.T.contiguous().T, scale, None, None, 1) is None
+    assert kernels._ext.gemm_int8(x, q, scale.double(), None, None, 1) is None
+    public = kernels.int8_gemm(x, q, scale), kernels.int4_gemm(*int4_case(4, 8, 128, 64, None, generator)[:4], 64)
+    assert all((y is not None) == (built == "avx2") for y in public)  # on the avx2 path only
+
+
 @pytest.mark.parametrize("setting", ["int8", "bf16"])
 def test_int4_activations_setting(built, setting):
     """QWEN_INT4_ACTIVATIONS=int8 (README) makes the model's int4 products round activations to int8

@@ -91,13 +91,14 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "MAX_ROWS", "attention", "backend", "gemm", "gemv", "int4_gemv", "int8_gemv", "rms_norm", "rotary_qk", "supports",
+    "MAX_ROWS", "attention", "backend", "gemm", "gemv", "int4_gemm", "int8_gemm", "int4_gemv", "int8_gemv", "rms_norm", "rotary_qk", "supports",
     "supports_int4", "supports_int8",
 ]
 
 logger = logging.getLogger("qwen.kernels")
 
 MAX_ROWS = 16  # activation rows per call; above it a matmul is compute bound and F.linear is the better kernel
+GEMM = True  # False: gemm / int8_gemm / int4_gemm return None, so callers use torch's fp32 GEMM (benchmarks)
 
 _SOURCES = ("cpu_gemv.cpp", "cpu_qgemv.cpp", "cpu_ops.cpp", "cpu_gemm.cpp")
 _HEADERS = ("common.h",)  # included by the sources: part of the build tag
@@ -157,9 +158,36 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     (cpu_gemm.cpp: 256-bit FMA, as fast as AVX-512's on Zen 4; CPUs with wider FMA keep torch's)."""
     if not _ready:
         _ensure()
-    if _level != 1 or not all(type(t) in _PLAIN for t in (x, weight) + tuple(t for t in (bias, out) if t is not None)):
+    if _level != 1 or not GEMM or not _plain(x, weight, bias, out):
         return None
     return _ext.gemm(x, weight, bias, out, _level)
+
+
+def int8_gemm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+              out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """gemm for int8 weights: w~ = qweight [N, K] (int8) * scale [N] (fp32), each weight dequantized
+    (one fp32 rounding) as it is packed; None where it does not run."""
+    if not _ready:
+        _ensure()
+    if _level != 1 or not GEMM or not _plain(x, qweight, scale, bias, out):
+        return None
+    return _ext.gemm_int8(x, qweight, scale, bias, out, _level)
+
+
+def int4_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
+              bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """gemm for int4 weights: w~ = q * scales + mins per group (one fused fp32 rounding), q the
+    nibbles of packed [N, K/2] (element 2j low), scales and mins fp32 [N, K/g], dequantized as they
+    are packed; None where it does not run."""
+    if not _ready:
+        _ensure()
+    if _level != 1 or not GEMM or not _plain(x, packed, scales, mins, bias, out):
+        return None
+    return _ext.gemm_int4(x, packed, scales, mins, group_size, bias, out, _level)
+
+
+def _plain(*tensors) -> bool:
+    return all(t is None or type(t) in _PLAIN for t in tensors)
 
 
 # ----------------------------------------------------------------------------- int8 / int4 weights

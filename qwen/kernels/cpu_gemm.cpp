@@ -26,6 +26,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -56,11 +57,11 @@ constexpr int kMc = 480;    // activation rows per block (a multiple of kMr): 48
 constexpr int kNc = 256;    // most columns per thread block (a multiple of kNr)
 
 // 8 consecutive elements as fp32.
-QG_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-QG_AVX2 inline __m256 load8(const c10::Half* p) {
+QG_AVX2 inline __m256 widen8(const float* p) { return _mm256_loadu_ps(p); }
+QG_AVX2 inline __m256 widen8(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
-QG_AVX2 inline __m256 load8(const c10::BFloat16* p) {  // bf16 is the top half of an fp32
+QG_AVX2 inline __m256 widen8(const c10::BFloat16* p) {  // bf16 is the top half of an fp32
   const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
@@ -106,23 +107,68 @@ QG_AVX2 inline void transpose8(__m256 (&r)[8]) {
   }
 }
 
+// Where the weights come from: element (n, k) as fp32, eight at a time (k a multiple of 8) or one.
+template <typename T>
+struct Dense {  // fp32, bf16 or fp16 [N, K], row stride ld
+  const T* w;
+  int64_t ld;
+  QG_AVX2 __m256 load8(int64_t n, int64_t k) const { return widen8(w + n * ld + k); }
+  float at(int64_t n, int64_t k) const { return to_float(w[n * ld + k]); }
+};
+
+struct Int8Rows {  // q int8 [N, K] times scale[n] (fp32, one rounding)
+  const int8_t* q;
+  int64_t ld;
+  const float* scale;
+  QG_AVX2 __m256 load8(int64_t n, int64_t k) const {
+    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + n * ld + k));
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), _mm256_set1_ps(scale[n]));
+  }
+  float at(int64_t n, int64_t k) const { return static_cast<float>(q[n * ld + k]) * scale[n]; }
+};
+
+struct Int4Groups {  // nibbles [N, K/2] (element 2j low, 2j+1 high) times scales + mins [N, K/g] (one fused rounding)
+  const uint8_t* packed;
+  int64_t ld;  // K / 2
+  const float* scales;
+  const float* mins;
+  int64_t groups;  // K / g
+  int64_t g;       // a multiple of 8: eight k never straddle two groups
+  QG_AVX2 __m256 load8(int64_t n, int64_t k) const {
+    int32_t four;
+    std::memcpy(&four, packed + n * ld + k / 2, 4);
+    // bytes b0..b3 -> [b0 b0 b1 b1 b2 b2 b3 b3] as int32 -> shift the odd lanes by 4 -> low nibbles.
+    const __m128i twice = _mm_shuffle_epi8(_mm_cvtsi32_si128(four), _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, -1, -1, -1,
+                                                                                    -1, -1, -1, -1, -1));
+    const __m256i shifted = _mm256_srlv_epi32(_mm256_cvtepu8_epi32(twice), _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4));
+    const __m256 q = _mm256_cvtepi32_ps(_mm256_and_si256(shifted, _mm256_set1_epi32(0xf)));
+    const int64_t at = n * groups + k / g;
+    return _mm256_fmadd_ps(q, _mm256_set1_ps(scales[at]), _mm256_set1_ps(mins[at]));
+  }
+  float at(int64_t n, int64_t k) const {
+    const int q = (packed[n * ld + k / 2] >> (4 * (k & 1))) & 0xf;
+    return std::fma(static_cast<float>(q), scales[n * groups + k / g], mins[n * groups + k / g]);
+  }
+};
+
 // Weight rows n0 .. n0+rows-1 (rows <= 16), k0 .. k0+kc-1 -> panel[k * 16 + j] in fp32, the rows
 // past `rows` zero. Eight k at a time as two 8 x 8 transposes.
-template <typename TW>
-QG_AVX2 void pack_weights(const TW* w, int64_t ldw, int64_t n0, int rows, int64_t k0, int kc, float* panel) {
+template <typename W>
+QG_AVX2 void pack_weights(const W& w, int64_t n0, int rows, int64_t k0, int kc, float* panel) {
   int k = 0;
-  if (rows == kNr) {
-    for (; k + 8 <= kc; k += 8) {
-      for (int half = 0; half < 2; ++half) {
-        __m256 r[8];
-        for (int i = 0; i < 8; ++i) r[i] = load8(w + (n0 + half * 8 + i) * ldw + k0 + k);
-        transpose8(r);
-        for (int i = 0; i < 8; ++i) _mm256_store_ps(panel + (k + i) * kNr + half * 8, r[i]);
+  for (; k + 8 <= kc; k += 8) {
+    for (int half = 0; half < 2; ++half) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) {
+        const int row = half * 8 + i;
+        r[i] = row < rows ? w.load8(n0 + row, k0 + k) : _mm256_setzero_ps();
       }
+      transpose8(r);
+      for (int i = 0; i < 8; ++i) _mm256_store_ps(panel + (k + i) * kNr + half * 8, r[i]);
     }
   }
   for (; k < kc; ++k)
-    for (int j = 0; j < kNr; ++j) panel[k * kNr + j] = j < rows ? to_float(w[(n0 + j) * ldw + k0 + k]) : 0.f;
+    for (int j = 0; j < kNr; ++j) panel[k * kNr + j] = j < rows ? w.at(n0 + j, k0 + k) : 0.f;
 }
 
 // Activation rows m0 .. m0+rows-1, k0 .. k0+kc-1 -> 6-row panels: panel p holds [k * 6 + i] for
@@ -139,7 +185,7 @@ QG_AVX2 void pack_activations(const TX* x, int64_t ldx, int64_t m0, int rows, in
         int k = 0;
         alignas(32) float v[8];
         for (; k + 8 <= kc; k += 8) {
-          _mm256_store_ps(v, load8(src + k));
+          _mm256_store_ps(v, widen8(src + k));
           for (int e = 0; e < 8; ++e) dst[(k + e) * kMr + i] = v[e];
         }
         for (; k < kc; ++k) dst[k * kMr + i] = to_float(src[k]);
@@ -196,15 +242,15 @@ struct Block {
 
 // Outputs rows m0 .. m0+mb-1, columns n0 .. n0+nw-1: packed_x holds (mb rounded up to 6) x kKc,
 // panel kKc x 16 and acc (mb rounded up to 6) x nc floats, all 32-byte aligned.
-template <typename TX, typename TW, typename TY>
-QG_AVX2 void column_block(const TX* x, int64_t ldx, const TW* w, int64_t ldw, const float* bias, TY* y, int64_t ldy,
+template <typename TX, typename W, typename TY>
+QG_AVX2 void column_block(const TX* x, int64_t ldx, const W& w, const float* bias, TY* y, int64_t ldy,
                           int64_t K, const Block& b, float* packed_x, float* panel, float* acc) {
   const int panels = (b.mb + kMr - 1) / kMr;
   for (int64_t k0 = 0; k0 < K; k0 += kKc) {
     const int kc = static_cast<int>(std::min<int64_t>(kKc, K - k0));
     pack_activations(x, ldx, b.m0, b.mb, k0, kc, packed_x);
     for (int j = 0; j < b.nw; j += kNr) {
-      pack_weights(w, ldw, b.n0 + j, std::min(kNr, b.nw - j), k0, kc, panel);
+      pack_weights(w, b.n0 + j, std::min(kNr, b.nw - j), k0, kc, panel);
       for (int p = 0; p < panels; ++p) tile(packed_x + p * kMr * kc, panel, kc, acc + p * kMr * b.nc + j, b.nc, k0 == 0);
     }
   }
@@ -222,9 +268,9 @@ QG_AVX2 void column_block(const TX* x, int64_t ldx, const TW* w, int64_t ldw, co
   }
 }
 
-template <typename TX, typename TW, typename TY>
-void gemm_avx2(const TX* x, int64_t ldx, const TW* w, int64_t ldw, const float* bias, TY* y, int64_t ldy, int64_t M,
-               int64_t N, int64_t K) {
+template <typename TX, typename W, typename TY>
+void gemm_avx2(const TX* x, int64_t ldx, const W& w, const float* bias, TY* y, int64_t ldy, int64_t M, int64_t N,
+               int64_t K) {
   // Column blocks: as many as the threads (or a multiple), none wider than kNc.
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   int64_t blocks = (N + kNc - 1) / kNc;
@@ -238,28 +284,27 @@ void gemm_avx2(const TX* x, int64_t ldx, const TW* w, int64_t ldw, const float* 
       Aligned packed_x(rows * kKc), panel(kKc * kNr), acc(rows * nc);
       for (int64_t blk = b0; blk < b1; ++blk) {
         const Block b{m0, mb, blk * nc, static_cast<int>(std::min<int64_t>(nc, N - blk * nc)), nc};
-        column_block(x, ldx, w, ldw, bias, y, ldy, K, b, packed_x.data, panel.data, acc.data);
+        column_block(x, ldx, w, bias, y, ldy, K, b, packed_x.data, panel.data, acc.data);
       }
     });
   }
 }
 
-template <typename TX, typename TW>
-void dispatch_out(const at::Tensor& x, const at::Tensor& w, const float* bias, at::Tensor& y) {
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  gemm_avx2(static_cast<const TX*>(x.data_ptr()), x.stride(0), static_cast<const TW*>(w.data_ptr()), w.stride(0),
-            bias, static_cast<TX*>(y.data_ptr()), y.stride(0), M, N, K);
-}
-
-template <typename TX>
-void dispatch_weight(const at::Tensor& x, const at::Tensor& w, const float* bias, at::Tensor& y) {
-  switch (kind_of(w)) {
+// y = x @ W^T (+ bias) for x of any of the three dtypes (y in the same).
+template <typename W>
+void run_gemm(const at::Tensor& x, const W& w, int64_t N, const float* bias, at::Tensor& y) {
+  const int64_t M = x.size(0), K = x.size(1);
+  switch (kind_of(x)) {
     case kF32:
-      return dispatch_out<TX, float>(x, w, bias, y);
-    case kBF16:
-      return dispatch_out<TX, c10::BFloat16>(x, w, bias, y);
-    default:
-      return dispatch_out<TX, c10::Half>(x, w, bias, y);
+      return gemm_avx2(x.data_ptr<float>(), x.stride(0), w, bias, y.data_ptr<float>(), y.stride(0), M, N, K);
+    case kBF16: {
+      const auto* xs = static_cast<const c10::BFloat16*>(x.data_ptr());
+      return gemm_avx2(xs, x.stride(0), w, bias, static_cast<c10::BFloat16*>(y.data_ptr()), y.stride(0), M, N, K);
+    }
+    default: {
+      const auto* xs = static_cast<const c10::Half*>(x.data_ptr());
+      return gemm_avx2(xs, x.stride(0), w, bias, static_cast<c10::Half*>(y.data_ptr()), y.stride(0), M, N, K);
+    }
   }
 }
 
@@ -270,15 +315,18 @@ bool rows_contiguous(const at::Tensor& t) {
   return plain_cpu(t) && t.dim() == 2 && (t.size(1) <= 1 || t.stride(1) == 1) && t.stride(0) >= t.size(1);
 }
 
-// Whether gemm takes these: x [M, K] and w [N, K] with contiguous rows, each fp32/bf16/fp16, bias
-// absent or [N] fp32/bf16/fp16, out absent or [M, N] of x's dtype with contiguous rows, no autograd
-// graph to record.
-bool gemm_supported(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
-                    const std::optional<at::Tensor>& out) {
-  if (!rows_contiguous(x) || !rows_contiguous(w) || kind_of(x) == kNone || kind_of(w) == kNone) return false;
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  if (M == 0 || N == 0 || K == 0 || w.size(1) != K) return false;
-  bool grad = x.requires_grad() || w.requires_grad();
+bool contiguous_of(const at::Tensor& t, at::ScalarType type, int64_t rows, int64_t cols) {
+  return plain_cpu(t) && t.scalar_type() == type && t.dim() == 2 && t.size(0) == rows && t.size(1) == cols &&
+         t.is_contiguous();
+}
+
+// What every entry point checks of x [M, K] (rows contiguous, fp32/bf16/fp16), bias (absent or [N]
+// fp32/bf16/fp16), out (absent or [M, N] of x's dtype, rows contiguous) for N outputs; `grad`: some
+// weight tensor requires grad. False where autograd would have a graph to record.
+bool operands_supported(const at::Tensor& x, int64_t N, int64_t K, const std::optional<at::Tensor>& bias,
+                        const std::optional<at::Tensor>& out, bool grad) {
+  if (!rows_contiguous(x) || kind_of(x) == kNone || x.size(1) != K || x.size(0) == 0 || N == 0 || K == 0) return false;
+  grad = grad || x.requires_grad();
   if (bias.has_value() && bias->defined()) {
     const at::Tensor& b = *bias;
     if (!plain_cpu(b) || b.dim() != 1 || b.size(0) != N || kind_of(b) == kNone) return false;
@@ -286,36 +334,98 @@ bool gemm_supported(const at::Tensor& x, const at::Tensor& w, const std::optiona
   }
   if (out.has_value() && out->defined()) {
     const at::Tensor& o = *out;
-    if (!rows_contiguous(o) || o.scalar_type() != x.scalar_type() || o.size(0) != M || o.size(1) != N) return false;
+    if (!rows_contiguous(o) || o.scalar_type() != x.scalar_type() || o.size(0) != x.size(0) || o.size(1) != N)
+      return false;
     grad = grad || o.requires_grad();
   }
   return !(grad && at::GradMode::is_enabled());
+}
+
+// Whether gemm takes these: w [N, K] with contiguous rows, fp32/bf16/fp16, and operands_supported.
+bool gemm_supported(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                    const std::optional<at::Tensor>& out) {
+  return rows_contiguous(w) && kind_of(w) != kNone && x.dim() == 2 &&
+         operands_supported(x, w.size(0), w.size(1), bias, out, w.requires_grad());
+}
+
+void check_level(int64_t isa) {
+  TORCH_CHECK(isa >= kAvx2 && isa <= qwen_kernels::cpu_isa(), "qwen kernels: level ", isa,
+              " is not available on this CPU (best ", qwen_kernels::cpu_isa(), ")");
+}
+
+// Runs y = x @ W^T (+ bias) for the weights `w` (a Dense/Int8Rows/Int4Groups); y is `out` or new.
+template <typename W>
+at::Tensor product(const at::Tensor& x, const W& w, int64_t N, const std::optional<at::Tensor>& bias,
+                   const std::optional<at::Tensor>& out) {
+  at::Tensor y = out.has_value() && out->defined() ? *out : at::empty({x.size(0), N}, x.options());
+#if QG_X86
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) b = bias->to(at::kFloat).contiguous();
+  run_gemm(x, w, N, b.defined() ? b.data_ptr<float>() : nullptr, y);
+#endif
+  return y;
 }
 
 // y = x @ w.T (+ bias), fp32 products and sums, rounded once to x's dtype, written into `out` when
 // given (which may be a column slice of a wider tensor); std::nullopt when gemm_supported says no.
 std::optional<at::Tensor> gemm(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                                const std::optional<at::Tensor>& out, int64_t isa) {
-  TORCH_CHECK(isa >= kAvx2 && isa <= qwen_kernels::cpu_isa(), "qwen kernels: level ", isa,
-              " is not available on this CPU (best ", qwen_kernels::cpu_isa(), ")");
+  check_level(isa);
   if (!gemm_supported(x, w, bias, out)) return std::nullopt;
-  at::Tensor y = out.has_value() && out->defined() ? *out : at::empty({x.size(0), w.size(0)}, x.options());
 #if QG_X86
-  at::Tensor b;
-  if (bias.has_value() && bias->defined()) b = bias->to(at::kFloat).contiguous();
-  const float* bias_data = b.defined() ? b.data_ptr<float>() : nullptr;
-  switch (kind_of(x)) {
+  switch (kind_of(w)) {
     case kF32:
-      dispatch_weight<float>(x, w, bias_data, y);
-      break;
+      return product(x, Dense<float>{w.data_ptr<float>(), w.stride(0)}, w.size(0), bias, out);
     case kBF16:
-      dispatch_weight<c10::BFloat16>(x, w, bias_data, y);
-      break;
+      return product(x, Dense<c10::BFloat16>{static_cast<const c10::BFloat16*>(w.data_ptr()), w.stride(0)}, w.size(0),
+                     bias, out);
     default:
-      dispatch_weight<c10::Half>(x, w, bias_data, y);
+      return product(x, Dense<c10::Half>{static_cast<const c10::Half*>(w.data_ptr()), w.stride(0)}, w.size(0), bias,
+                     out);
   }
+#else
+  return std::nullopt;
 #endif
-  return y;
+}
+
+// The same for int8 weights: w~[n, k] = qweight[n, k] * scale[n] in fp32 (int8 [N, K] and fp32 [N],
+// contiguous), dequantized as they are packed.
+std::optional<at::Tensor> gemm_int8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& out,
+                                    int64_t isa) {
+  check_level(isa);
+  if (qweight.dim() != 2 || x.dim() != 2) return std::nullopt;
+  const int64_t N = qweight.size(0), K = qweight.size(1);
+  if (!contiguous_of(qweight, at::kChar, N, K) || !plain_cpu(scale) || scale.scalar_type() != at::kFloat ||
+      scale.dim() != 1 || scale.size(0) != N || !scale.is_contiguous() ||
+      !operands_supported(x, N, K, bias, out, scale.requires_grad()))
+    return std::nullopt;
+#if QG_X86
+  return product(x, Int8Rows{qweight.data_ptr<int8_t>(), K, scale.data_ptr<float>()}, N, bias, out);
+#else
+  return std::nullopt;
+#endif
+}
+
+// The same for int4 weights: w~[n, k] = q * scales[n, k / g] + mins[n, k / g] with one fp32 rounding,
+// q the nibbles of packed [N, K / 2] (element 2j low, 2j + 1 high); scales, mins fp32 [N, K / g].
+std::optional<at::Tensor> gemm_int4(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                                    const at::Tensor& mins, int64_t group, const std::optional<at::Tensor>& bias,
+                                    const std::optional<at::Tensor>& out, int64_t isa) {
+  check_level(isa);
+  if (packed.dim() != 2 || x.dim() != 2 || group < 8 || group % 8) return std::nullopt;
+  const int64_t N = packed.size(0), K = packed.size(1) * 2;
+  if (K % group || !contiguous_of(packed, at::kByte, N, K / 2) || !contiguous_of(scales, at::kFloat, N, K / group) ||
+      !contiguous_of(mins, at::kFloat, N, K / group) ||
+      !operands_supported(x, N, K, bias, out, scales.requires_grad() || mins.requires_grad()))
+    return std::nullopt;
+#if QG_X86
+  const Int4Groups w{packed.data_ptr<uint8_t>(), K / 2, scales.data_ptr<float>(), mins.data_ptr<float>(), K / group,
+                     group};
+  return product(x, w, N, bias, out);
+#else
+  return std::nullopt;
+#endif
 }
 
 }  // namespace
@@ -328,5 +438,11 @@ void bind_gemm(pybind11::module_& m) {
   m.def("gemm", &gemm, "y = x @ w.T (+ bias) in fp32 products, rounded once to x's dtype; None when not supported",
         py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("out"), py::arg("isa"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("gemm_int8", &gemm_int8, "gemm for int8 weights (qweight * scale); None when not supported", py::arg("x"),
+        py::arg("qweight"), py::arg("scale"), py::arg("bias"), py::arg("out"), py::arg("isa"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("gemm_int4", &gemm_int4, "gemm for int4 weights (q * scales + mins); None when not supported", py::arg("x"),
+        py::arg("packed"), py::arg("scales"), py::arg("mins"), py::arg("group"), py::arg("bias"), py::arg("out"),
+        py::arg("isa"), py::call_guard<py::gil_scoped_release>());
 }
 }  // namespace qwen_kernels
