@@ -196,6 +196,8 @@ class _QuantizedLinear(nn.Module):
     # `large_m` where torch's weight-only kernels run, `large_m_own` where qwen.kernels' run.
     large_m = 32
     large_m_own = 32
+    # ... and from this many rows on where qwen.kernels' GEMM runs (the avx2 path: kernels.gemm_runs).
+    large_m_gemm = 32
     # Weights dequantized at a time on the large-M path: 4M (an 8 MB bf16 scratch) stays in cache
     # for the GEMM; 32M measured 1.2-2x slower for int8 at M = 64 and 512 (11008x2048).
     gemm_chunk = 1 << 22
@@ -280,9 +282,12 @@ class _QuantizedLinear(nn.Module):
             # the reused scratch buffer know no autograd, so the product gets its own backward.
             return _FrozenQuantizedProduct.apply(x2, self).reshape(*shape[:-1], self.out_features)
         rows, y = x2.shape[0], None
-        if rows < max(self.large_m, self.large_m_own) and x.device.type == "cpu":
+        own_limit = self.large_m_own
+        if self.large_m_gemm <= rows < own_limit and self._own_gemm_runs(x2):
+            own_limit = rows  # qwen.kernels' GEMM (the avx2 path) beats the GEMV chunks from large_m_gemm on
+        if rows < max(self.large_m, own_limit) and x.device.type == "cpu":
             xb = x2 if x2.dtype == torch.bfloat16 else x2.to(torch.bfloat16)
-            if rows < self.large_m_own:
+            if rows < own_limit:
                 y = self._qwen_kernel(xb)
                 if y is not None:
                     y = y.to(x.dtype)
@@ -319,6 +324,14 @@ class _QuantizedLinear(nn.Module):
     def _own_gemm(self, kernels, x2: torch.Tensor) -> torch.Tensor | None:
         """qwen.kernels' many-row product (fp32 products, one rounding to x2's dtype), or None."""
         raise NotImplementedError
+
+    @staticmethod
+    def _own_gemm_runs(x2: torch.Tensor) -> bool:
+        """Whether _dequantized_linear(x2) runs qwen.kernels' GEMM."""
+        if gemm_dtype(x2.dtype, x2.device) == x2.dtype:
+            return False
+        kernels = _own_kernels(x2)
+        return kernels is not None and kernels.gemm_runs()
 
 
 class _FrozenQuantizedProduct(torch.autograd.Function):
@@ -363,6 +376,9 @@ class Int8Linear(_QuantizedLinear):
     # qwen.kernels (16-row chunks) vs dequantize + GEMM, same conditions: 5504x2048 M = 64 5.9 vs 6.3,
     # M = 96 9.2 vs 8.7; 2048x5504 M = 96 8.8 vs 10.1, M = 128 11.6 vs 11.7.
     large_m_own = 96
+    # qwen.kernels' GEMM vs its GEMV (16-row chunks), AVX2 caps on Zen 4, 2 threads, ms: 6144x2048
+    # M = 32 6.6 vs 5.7, M = 48 7.8 vs 10.1; 5504x2048 M = 48 6.8 vs 9.0; 2048x5504 M = 48 7.4 vs 8.5.
+    large_m_gemm = 48
 
     _FLOAT32_BUFFERS = ("scale",)
     _BF16_BUFFERS = ("scale_bf16",)
@@ -441,6 +457,9 @@ class Int4Linear(_QuantizedLinear):
     # qwen.kernels (16-row chunks) vs dequantize + GEMM, group 64: 5504x2048 M = 96 11.8 vs 12.1,
     # M = 128 15.6 vs 14.1; 2048x5504 M = 128 14.2 vs 16.6, M = 192 21.9 vs 20.1.
     large_m_own = 128
+    # qwen.kernels' GEMM vs its GEMV, as for int8, group 128: 6144x2048 M = 64 10.5 vs 10.2, M = 96
+    # 14.0 vs 15.1; 5504x2048 M = 64 9.8 vs 9.8, M = 96 13.5 vs 15.4; 2048x5504 M = 96 13.4 vs 16.7.
+    large_m_gemm = 96
 
     _FLOAT32_BUFFERS = ("scales", "mins")
     _BF16_BUFFERS = ("scale_zeros",)

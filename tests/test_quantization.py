@@ -200,6 +200,34 @@ def test_large_m_multiplies_in_fp32_without_native_16_bit_products(monkeypatch, 
     assert calls == ([True] if path == "qwen" else [])
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4:128"])
+def test_our_gemm_takes_over_from_large_m_gemm_rows(monkeypatch, kind):
+    """Where qwen.kernels' GEMM runs (the avx2 path), calls of large_m_gemm rows or more use it rather
+    than the GEMV kernel's 16-row chunks; fewer rows stay on the GEMV kernel."""
+    from qwen import kernels
+    from tests.test_cpu_kernels import gemm_path
+
+    if kernels.backend() == "torch":
+        pytest.skip("qwen.kernels is not built here")
+    _emulated_16_bit(monkeypatch)
+    calls = gemm_path(monkeypatch, "qwen")
+    layer = _quantize(_linear(64, 256), kind)
+    assert layer.large_m_gemm < layer.large_m_own
+    for rows in (layer.large_m_gemm - 1, layer.large_m_gemm):
+        calls.clear()
+        x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+        y = layer(x)
+        assert calls == ([True] if rows == layer.large_m_gemm else []), rows
+        ref = F.linear(x.float(), layer.dequantize(), layer.bias.float())
+        if calls:
+            assert _one_rounding(y, ref)
+        else:
+            torch.testing.assert_close(y.float(), ref, rtol=0.02, atol=0.02)
+    assert kernels.gemm_runs()
+    monkeypatch.setattr(kernels, "GEMM", False)
+    assert not kernels.gemm_runs()
+
+
 def test_int4_without_torch_kernel_uses_dequantize(monkeypatch):
     """N not a multiple of 16: torch's int4 packing refuses it, so without qwen.kernels the layer
     always dequantizes."""

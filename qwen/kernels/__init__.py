@@ -51,6 +51,22 @@ torch's scaled_dot_product_attention for one query over 80-8000 cached tokens (2
 rms_norm rounds as torch does (only the mean's summation order differs); rotary_qk is bit for bit
 modeling_qwen.apply_rotary.
 
+Many-row products where the CPU has no native 16-bit products (``cpu_gemm.cpp``, the same
+extension; prompts on AVX2-only CPUs):
+
+    y = kernels.gemm(x, weight, bias, out)                          # x [M, K], weight [N, K]: fp32/bf16/fp16
+    y = kernels.int8_gemm(x, qweight, scale, bias, out)             # the int8 layer's buffers
+    y = kernels.int4_gemm(x, packed, scales, mins, group, bias, out)  # the int4 layer's buffers
+
+fp32 products and sums, one rounding to x.dtype, written into ``out`` (e.g. a column slice) when
+given; None where they do not run: on the avx2 path only (256-bit FMA, which Zen 4 runs as fast as
+its double-pumped AVX-512; CPUs with full-width AVX-512 FMA keep torch's fp32 GEMM), or with
+``kernels.GEMM = False``. A blocked GEMM (6 x 16 register tile over packed panels) that widens or
+dequantizes the weights while packing them; with AVX2 caps on Zen 4, a 6-layer Qwen-1.8B prompt of
+512 tokens ran 1.17x (fp16) and 1.29x (int8, int4) faster than MKL's SGEMM on weights widened or
+dequantized a chunk at a time by torch (bench/prefill.py). KernelLinear and the quantized layers
+use it for their many-row calls.
+
 The extension is compiled on first use with ``torch.utils.cpp_extension.load`` from the sources
 shipped in this package into ``$QWEN_KERNEL_CACHE/<tag>`` (default ``~/.cache/qwen/kernels/<tag>``;
 the tag hashes the sources, torch, Python and the flags), so later processes load the built library
@@ -91,7 +107,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "MAX_ROWS", "attention", "backend", "gemm", "gemv", "int4_gemm", "int8_gemm", "int4_gemv", "int8_gemv", "rms_norm", "rotary_qk", "supports",
+    "MAX_ROWS", "attention", "backend", "gemm", "gemm_runs", "gemv", "int4_gemm", "int8_gemm", "int4_gemv", "int8_gemv", "rms_norm", "rotary_qk", "supports",
     "supports_int4", "supports_int8",
 ]
 
@@ -161,6 +177,13 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if _level != 1 or not GEMM or not _plain(x, weight, bias, out):
         return None
     return _ext.gemm(x, weight, bias, out, _level)
+
+
+def gemm_runs() -> bool:
+    """Whether gemm / int8_gemm / int4_gemm run here (else they return None)."""
+    if not _ready:
+        _ensure()
+    return _level == 1 and GEMM
 
 
 def int8_gemm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,

@@ -1,12 +1,13 @@
 // Many-row matrix products on CPUs without native 16-bit products (prefill on AVX2-only CPUs):
-// y[M, N] = x[M, K] @ W[N, K]^T (+ bias[N]), x and W each in fp32, bf16 or fp16, every product and
-// sum in fp32, y rounded once (round to nearest even) to x's dtype.
+// y[M, N] = x[M, K] @ W[N, K]^T (+ bias[N]), x in fp32, bf16 or fp16, W in one of those or int8 /
+// int4 weight-only quantized (the layers' canonical buffers), every product and sum in fp32, y
+// rounded once (round to nearest even) to x's dtype.
 //
-// torch's alternative there is MKL's SGEMM on operands widened to fp32 beforehand (one more pass over
-// the weights and activations); MKL runs at 60-75% of the FMA peak on AMD CPUs. This is a blocked GEMM
-// in the usual shape: the weights and activations are widened while they are packed into panels, and
-// a 6 x 16 register tile (12 ymm accumulators; per k, 2 weight loads, 6 broadcasts, 12 FMAs) runs
-// over them:
+// torch's alternative there is MKL's SGEMM on operands widened (or dequantized) to fp32 beforehand,
+// one more pass over the weights; on Zen 4 MKL ran at 60-75% of the FMA peak. This is a blocked GEMM
+// in the usual shape: the weights and activations are widened (the weights dequantized) while they
+// are packed into panels, and a 6 x 16 register tile (12 ymm accumulators; per k, 2 weight loads,
+// 6 broadcasts, 12 FMAs) runs over them:
 //   for each block of up to kMc activation rows (one after the other):
 //     each thread takes blocks of columns (nc weight rows, a multiple of 16):
 //       for each block of kKc k:  pack the activation block [mc x kc] into 6-row panels (L2),
