@@ -8,9 +8,9 @@
 Where the CPU has no native products for a 16-bit dtype (fp16 without AMX-FP16; bf16 without
 AVX512_BF16 or AMX; `qwen.quantization.native_cpu_gemm`), torch emulates them in its 16-bit GEMM.
 There our prefill multiplies in fp32 (16-bit models and the int8/int4 layers' many-rows path
-alike): on the avx2 kernel path with qwen.kernels' own GEMM (cpu_gemm.cpp, widening or dequantizing
-the weights as it packs them), elsewhere with torch's fp32 GEMM on weights widened a chunk at a
-time. This times a prompt's forward (the cache filled, logits for the last position, as generate()
+alike): where qwen.kernels' own GEMM runs (cpu_gemm.cpp, widening or dequantizing the weights as it
+packs them: the avx2 kernel path, and AMD Zen 4) with it, elsewhere with torch's fp32 GEMM on weights
+widened a chunk at a time. This times a prompt's forward (the cache filled, logits for the last position, as generate()
 does) each way in one process, alternating ("fp32 qwen" where our GEMM runs), and prints the
 medians, min-max, the ratios, and how far each path's last logits are from the same model computed
 in fp32.
@@ -74,12 +74,12 @@ def main(argv=None):
           f"{activations} products native on this CPU: {Q.native_cpu_gemm(activations)} "
           f"(so by default prefill multiplies in {Q.gemm_dtype(activations, 'cpu')})")
     name = str(activations).removeprefix("torch.")
-    # (torch's 16-bit GEMM?, qwen.kernels' GEMM?) per mode: ours runs on the avx2 kernel path only.
+    # (torch's 16-bit GEMM?, qwen.kernels' GEMM?) per mode: ours where kernels.gemm_runs().
     modes = {f"torch {name}": (True, False), "fp32 torch": (False, False)}
-    if kernels.backend() == "avx2":
+    if kernels.gemm_runs():
         modes["fp32 qwen"] = (False, True)
     else:
-        print(f"(qwen.kernels' GEMM runs on the avx2 path only; this process runs {kernels.backend()})")
+        print(f"(qwen.kernels' GEMM does not run here: path {kernels.backend()}, see kernels.gemm_runs)")
     saved, saved_gemm = dict(Q._NATIVE_GEMM), kernels.GEMM
     seconds = {mode: [] for mode in modes}
     logits = {}

@@ -196,7 +196,8 @@ class _QuantizedLinear(nn.Module):
     # `large_m` where torch's weight-only kernels run, `large_m_own` where qwen.kernels' run.
     large_m = 32
     large_m_own = 32
-    # ... and from this many rows on where qwen.kernels' GEMM runs (the avx2 path: kernels.gemm_runs).
+    # ... and from this many rows on where qwen.kernels' GEMM runs for them (kernels.gemm_runs, and no
+    # native 16-bit products: on AVX2-only CPUs).
     large_m_gemm = 32
     # Weights dequantized at a time on the large-M path: 4M (an 8 MB bf16 scratch) stays in cache
     # for the GEMM; 32M measured 1.2-2x slower for int8 at M = 64 and 512 (11008x2048).
@@ -284,7 +285,7 @@ class _QuantizedLinear(nn.Module):
         rows, y = x2.shape[0], None
         own_limit = self.large_m_own
         if self.large_m_gemm <= rows < own_limit and self._own_gemm_runs(x2):
-            own_limit = rows  # qwen.kernels' GEMM (the avx2 path) beats the GEMV chunks from large_m_gemm on
+            own_limit = rows  # qwen.kernels' GEMM beats the GEMV chunks from large_m_gemm on
         if rows < max(self.large_m, own_limit) and x.device.type == "cpu":
             xb = x2 if x2.dtype == torch.bfloat16 else x2.to(torch.bfloat16)
             if rows < own_limit:

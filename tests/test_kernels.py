@@ -269,10 +269,28 @@ def test_autograd_falls_back(built):
 
 # ----------------------------------------------------------------------------- the many-row GEMM (cpu_gemm.cpp)
 #
-# Runs at every offered level (it is 256-bit AVX2 code; qwen.kernels.gemm uses it on the avx2 path).
+# Runs at every offered level (it is 256-bit AVX2 code; qwen.kernels.gemm uses it on the avx2 path,
+# and on Zen 4's AVX-512 paths).
 # The shapes cross its blocks: M over 480 rows (and not a multiple of the 6-row tile), N not a multiple
 # of the 16-column tile, K over 256 (and not a multiple of the 8-element loads).
 
+def gemm_expected(backend_name: str) -> bool:
+    """Where the public gemm runs: the avx2 path, and the AVX-512 paths of a Zen 4."""
+    return backend_name == "avx2" or (backend_name != "torch" and kernels.half_width_avx512())
+
+
+def test_half_width_avx512_is_zen_4_only():
+    amd = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: {}\nmodel\t\t: 17\n"
+    intel = "processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 143\n"
+    assert kernels.half_width_avx512(amd.format(25))  # Zen 3 / Zen 4 (Zen 3 has no AVX-512 path)
+    assert not kernels.half_width_avx512(amd.format(26))  # Zen 5: full-width AVX-512
+    assert not kernels.half_width_avx512(amd.format(23))  # Zen 2: AVX2 only anyway
+    assert not kernels.half_width_avx512(intel)
+    assert not kernels.half_width_avx512("")
+    assert kernels.gemm_runs() == (GEMM_ON and gemm_expected(kernels.backend()))
+
+
+GEMM_ON = kernels.GEMM
 GEMM_SHAPES = [(1, 1, 1), (5, 17, 9), (6, 16, 8), (37, 100, 300), (487, 33, 520), (70, 260, 257)]
 GEMM_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -352,7 +370,7 @@ def test_gemm_declines_what_it_does_not_take(built):
     assert kernels._gemm_at(x, p, None, None, 1) is None  # an autograd graph to record
     with torch.no_grad():
         assert kernels._gemm_at(x, p, None, None, 1) is not None
-    assert (kernels.gemm(x, w) is not None) == (built == "avx2")  # the public entry runs on the avx2 path only
+    assert (kernels.gemm(x, w) is not None) == gemm_expected(built)
 
 
 # ----------------------------------------------------------------------------- subprocesses: caps and failures
@@ -403,7 +421,7 @@ CHILD = textwrap.dedent(
     from tests.test_kernels import check_against_fp32
     x, w, b = random_case(40, 70, 300, torch.float16, torch.float16, generator)
     y = kernels.gemm(x, w, b)
-    assert (y is not None) == (name == "avx2"), name
+    assert (y is not None) == (name == "avx2" or (name != "torch" and kernels.half_width_avx512())), name
     if y is not None:
         check_against_fp32(y, x, w, b, "gemm")
     print(json.dumps({"backend": name, "records": records, "warnings": [str(w.message) for w in caught]}))
@@ -756,7 +774,7 @@ def test_quantized_gemm_matches_reference(built):
     assert kernels._ext.gemm_int8(x, q.T.contiguous().T, scale, None, None, 1) is None
     assert kernels._ext.gemm_int8(x, q, scale.double(), None, None, 1) is None
     public = kernels.int8_gemm(x, q, scale), kernels.int4_gemm(*int4_case(4, 8, 128, 64, None, generator)[:4], 64)
-    assert all((y is not None) == (built == "avx2") for y in public)  # on the avx2 path only
+    assert all((y is not None) == gemm_expected(built) for y in public)
 
 
 @pytest.mark.parametrize("setting", ["int8", "bf16"])

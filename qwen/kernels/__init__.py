@@ -59,13 +59,13 @@ extension; prompts on AVX2-only CPUs):
     y = kernels.int4_gemm(x, packed, scales, mins, group, bias, out)  # the int4 layer's buffers
 
 fp32 products and sums, one rounding to x.dtype, written into ``out`` (e.g. a column slice) when
-given; None where they do not run: on the avx2 path only (256-bit FMA, which Zen 4 runs as fast as
-its double-pumped AVX-512; CPUs with full-width AVX-512 FMA keep torch's fp32 GEMM), or with
-``kernels.GEMM = False``. A blocked GEMM (6 x 16 register tile over packed panels) that widens or
+given; None where they do not run (``kernels.gemm_runs()``): they run on the avx2 path and, on AMD
+Zen 4, whose AVX-512 FMA is two 256-bit halves, on the AVX-512 paths too (CPUs with full-width
+AVX-512 FMA keep torch's fp32 GEMM); ``kernels.GEMM = False`` switches them off. A blocked GEMM (6 x 16 register tile over packed panels) that widens or
 dequantizes the weights while packing them; with AVX2 caps on Zen 4, a 6-layer Qwen-1.8B prompt of
-512 tokens ran 1.17x (fp16) and 1.29x (int8, int4) faster than MKL's SGEMM on weights widened or
-dequantized a chunk at a time by torch (bench/prefill.py). KernelLinear and the quantized layers
-use it for their many-row calls.
+512 tokens ran 1.13-1.18x (bf16, fp16) and 1.25-1.31x (int4, int8) faster than MKL's SGEMM on
+weights widened or dequantized a chunk at a time by torch (bench/prefill.py); fp16 on Zen 4
+uncapped 1.08-1.16x. KernelLinear and the quantized layers use it for their many-row calls.
 
 The extension is compiled on first use with ``torch.utils.cpp_extension.load`` from the sources
 shipped in this package into ``$QWEN_KERNEL_CACHE/<tag>`` (default ``~/.cache/qwen/kernels/<tag>``;
@@ -135,6 +135,7 @@ _tried = False  # the extension was built or loaded, or failed to
 _ext = None  # the loaded extension module, or None
 _level = 0  # the path gemv runs: a key of _NAMES (0: torch)
 _cpu_level = 0  # the best path the CPU offers (0 where the extension is not loaded)
+_gemm_here = False  # gemm runs here (gemm_runs, before kernels.GEMM)
 
 
 def backend() -> str:
@@ -170,20 +171,22 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
          out: torch.Tensor | None = None) -> torch.Tensor | None:
     """x [M, K] @ weight[N, K].T (+ bias [N]) for many rows with fp32 products and sums, rounded once
     to x.dtype (x, weight, bias each fp32, bf16 or fp16; rows contiguous), written into `out` [M, N]
-    when given (a column slice is fine); None where it does not run. It runs on the avx2 path only
-    (cpu_gemm.cpp: 256-bit FMA, as fast as AVX-512's on Zen 4; CPUs with wider FMA keep torch's)."""
+    when given (a column slice is fine); None where it does not run (gemm_runs)."""
     if not _ready:
         _ensure()
-    if _level != 1 or not GEMM or not _plain(x, weight, bias, out):
+    if not (_gemm_here and GEMM) or not _plain(x, weight, bias, out):
         return None
     return _ext.gemm(x, weight, bias, out, _level)
 
 
 def gemm_runs() -> bool:
-    """Whether gemm / int8_gemm / int4_gemm run here (else they return None)."""
+    """Whether gemm / int8_gemm / int4_gemm run here (else they return None): on the avx2 path, and
+    on the AVX-512 paths of CPUs whose AVX-512 FMA is two 256-bit halves (AMD Zen 4), where the
+    GEMM's 256-bit FMAs reach the same peak; CPUs with full-width AVX-512 FMA (Intel, Zen 5) keep
+    torch's fp32 GEMM. kernels.GEMM = False switches it off."""
     if not _ready:
         _ensure()
-    return _level == 1 and GEMM
+    return _gemm_here and GEMM
 
 
 def int8_gemm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
@@ -192,7 +195,7 @@ def int8_gemm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias:
     (one fp32 rounding) as it is packed; None where it does not run."""
     if not _ready:
         _ensure()
-    if _level != 1 or not GEMM or not _plain(x, qweight, scale, bias, out):
+    if not (_gemm_here and GEMM) or not _plain(x, qweight, scale, bias, out):
         return None
     return _ext.gemm_int8(x, qweight, scale, bias, out, _level)
 
@@ -204,7 +207,7 @@ def int4_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins:
     are packed; None where it does not run."""
     if not _ready:
         _ensure()
-    if _level != 1 or not GEMM or not _plain(x, packed, scales, mins, bias, out):
+    if not (_gemm_here and GEMM) or not _plain(x, packed, scales, mins, bias, out):
         return None
     return _ext.gemm_int4(x, packed, scales, mins, group_size, bias, out, _level)
 
@@ -400,7 +403,7 @@ def _requested_level() -> tuple[int, str]:
 
 
 def _ensure() -> None:
-    global _ready, _level
+    global _ready, _level, _gemm_here
     if _ready:
         return
     with _lock:
@@ -419,9 +422,26 @@ def _ensure() -> None:
                     logger.warning("qwen.kernels: the extension takes %s rows, not %s; using torch", _ext.max_rows,
                                    MAX_ROWS)
                     _level = 0
+                _gemm_here = _level == 1 or (_level >= 2 and half_width_avx512())
                 offers = _NAMES[_cpu_level] if _cpu_level else "none of avx2+fma+f16c"
                 logger.info("backend: %s (CPU offers %s, %s; extension %s)", _NAMES[_level], offers, why, how)
         _ready = True
+
+
+def half_width_avx512(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU runs 512-bit FMAs as two 256-bit halves: AMD family 0x19 (Zen 4; Zen 3, the
+    same family, has no AVX-512). From /proc/cpuinfo (False where it cannot be read)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as file:
+                cpuinfo = file.read(1 << 16)
+        except OSError:
+            return False
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields.get("vendor_id") == "AuthenticAMD" and fields.get("cpu family") == "25"
 
 
 def _x86() -> bool:

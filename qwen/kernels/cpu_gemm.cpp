@@ -16,7 +16,8 @@
 //       add the bias, round once, store.
 // Every output is the same fixed-order fp32 sum whatever M, the tiling or the thread count: one FMA
 // chain per output over k, in k-blocks of kKc (a row's result does not depend on the rows with it).
-// Only AVX2 + FMA + F16C is used (256-bit FMA: on Zen 4 as fast as AVX-512's, which it double-pumps).
+// Only AVX2 + FMA + F16C is used (256-bit FMA: on Zen 4 as fast as AVX-512's, which it double-pumps;
+// qwen.kernels.gemm_runs says where it is used).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>

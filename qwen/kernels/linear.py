@@ -8,9 +8,10 @@ same module (same parameters, state dict, `isinstance(m, nn.Linear)`), whose for
 up to `MAX_ROWS` activation rows without autograd (decoding) to `qwen.kernels.gemv` and everything
 else (prefill, training) to `F.linear`; on a CPU without native products for the weight's dtype
 (fp16 without AMX-FP16, bf16 without AVX512_BF16 or AMX) prefill multiplies in fp32 instead:
-torch's 16-bit GEMM emulates the products there and is 2-8x slower. On the avx2 kernel path that is
-our GEMM (`qwen.kernels.gemm`, widening the weight as it packs it), elsewhere torch's fp32 GEMM on
-the weight widened a chunk at a time (`qwen.quantization.chunked_linear`). The model's RMSNorm and attention modules (those with a
+torch's 16-bit GEMM emulates the products there and is 2-8x slower. Where `qwen.kernels.gemm_runs()`
+(the avx2 kernel path, AMD Zen 4) that is our GEMM (`qwen.kernels.gemm`, widening the weight as it
+packs it), elsewhere torch's fp32 GEMM on the weight widened a chunk at a time
+(`qwen.quantization.chunked_linear`). The model's RMSNorm and attention modules (those with a
 `_cpu_ops` class attribute) get the decode-step ops of cpu_ops.cpp (RMSNorm, rotary, few-query
 attention), which they use for 16-bit CPU activations. `QWEN_KERNELS=off` keeps torch's numerics
 everywhere.
