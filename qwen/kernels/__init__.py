@@ -52,7 +52,7 @@ rms_norm rounds as torch does (only the mean's summation order differs); rotary_
 modeling_qwen.apply_rotary.
 
 Many-row products where the CPU has no native 16-bit products (``cpu_gemm.cpp``, the same
-extension; prompts on AVX2-only CPUs):
+extension; prompts on AVX2-only CPUs, and fp16 prompts on Zen 4):
 
     y = kernels.gemm(x, weight, bias, out)                          # x [M, K], weight [N, K]: fp32/bf16/fp16
     y = kernels.int8_gemm(x, qweight, scale, bias, out)             # the int8 layer's buffers
@@ -61,11 +61,12 @@ extension; prompts on AVX2-only CPUs):
 fp32 products and sums, one rounding to x.dtype, written into ``out`` (e.g. a column slice) when
 given; None where they do not run (``kernels.gemm_runs()``): they run on the avx2 path and, on AMD
 Zen 4, whose AVX-512 FMA is two 256-bit halves, on the AVX-512 paths too (CPUs with full-width
-AVX-512 FMA keep torch's fp32 GEMM); ``kernels.GEMM = False`` switches them off. A blocked GEMM (6 x 16 register tile over packed panels) that widens or
-dequantizes the weights while packing them; with AVX2 caps on Zen 4, a 6-layer Qwen-1.8B prompt of
-512 tokens ran 1.13-1.18x (bf16, fp16) and 1.25-1.31x (int4, int8) faster than MKL's SGEMM on
-weights widened or dequantized a chunk at a time by torch (bench/prefill.py); fp16 on Zen 4
-uncapped 1.08-1.16x. KernelLinear and the quantized layers use it for their many-row calls.
+AVX-512 FMA keep torch's fp32 GEMM); ``kernels.GEMM = False`` switches them off. A blocked GEMM
+(6 x 16 register tile over packed panels) that widens or dequantizes the weights while packing
+them; with AVX2 caps on Zen 4, a 6-layer Qwen-1.8B prompt of 512 tokens ran 1.13-1.18x (bf16,
+fp16) and 1.25-1.31x (int4, int8) faster than MKL's SGEMM on weights widened or dequantized a chunk
+at a time by torch (bench/prefill.py); fp16 on Zen 4 uncapped 1.23x. KernelLinear and the
+quantized layers use it for their many-row calls.
 
 The extension is compiled on first use with ``torch.utils.cpp_extension.load`` from the sources
 shipped in this package into ``$QWEN_KERNEL_CACHE/<tag>`` (default ``~/.cache/qwen/kernels/<tag>``;
@@ -107,8 +108,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "MAX_ROWS", "attention", "backend", "gemm", "gemm_runs", "gemv", "int4_gemm", "int8_gemm", "int4_gemv", "int8_gemv", "rms_norm", "rotary_qk", "supports",
-    "supports_int4", "supports_int8",
+    "MAX_ROWS", "attention", "backend", "gemm", "gemm_runs", "gemv", "int4_gemm", "int4_gemv", "int8_gemm",
+    "int8_gemv", "rms_norm", "rotary_qk", "supports", "supports_int4", "supports_int8",
 ]
 
 logger = logging.getLogger("qwen.kernels")
@@ -172,9 +173,7 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     """x [M, K] @ weight[N, K].T (+ bias [N]) for many rows with fp32 products and sums, rounded once
     to x.dtype (x, weight, bias each fp32, bf16 or fp16; rows contiguous), written into `out` [M, N]
     when given (a column slice is fine); None where it does not run (gemm_runs)."""
-    if not _ready:
-        _ensure()
-    if not (_gemm_here and GEMM) or not _plain(x, weight, bias, out):
+    if not gemm_runs() or not _plain(x, weight, bias, out):
         return None
     return _ext.gemm(x, weight, bias, out, _level)
 
@@ -193,9 +192,7 @@ def int8_gemm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias:
               out: torch.Tensor | None = None) -> torch.Tensor | None:
     """gemm for int8 weights: w~ = qweight [N, K] (int8) * scale [N] (fp32), each weight dequantized
     (one fp32 rounding) as it is packed; None where it does not run."""
-    if not _ready:
-        _ensure()
-    if not (_gemm_here and GEMM) or not _plain(x, qweight, scale, bias, out):
+    if not gemm_runs() or not _plain(x, qweight, scale, bias, out):
         return None
     return _ext.gemm_int8(x, qweight, scale, bias, out, _level)
 
@@ -205,9 +202,7 @@ def int4_gemm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins:
     """gemm for int4 weights: w~ = q * scales + mins per group (one fused fp32 rounding), q the
     nibbles of packed [N, K/2] (element 2j low), scales and mins fp32 [N, K/g], dequantized as they
     are packed; None where it does not run."""
-    if not _ready:
-        _ensure()
-    if not (_gemm_here and GEMM) or not _plain(x, packed, scales, mins, bias, out):
+    if not gemm_runs() or not _plain(x, packed, scales, mins, bias, out):
         return None
     return _ext.gemm_int4(x, packed, scales, mins, group_size, bias, out, _level)
 
@@ -303,6 +298,7 @@ def _int4_at(x, packed, scales, mins, group_size, bias, level: int, exact: bool 
 
 
 def _gemm_at(x, weight, bias, out, level: int) -> torch.Tensor | None:
+    """Tests: gemm through the path `level`, whatever gemm_runs says (the GEMM is AVX2 code at every level)."""
     _check_level(level)
     return _ext.gemm(x, weight, bias, out, level)
 
