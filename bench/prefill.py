@@ -9,11 +9,11 @@ Where the CPU has no native products for a 16-bit dtype (fp16 without AMX-FP16; 
 AVX512_BF16 or AMX; `qwen.quantization.native_cpu_gemm`), torch emulates them in its 16-bit GEMM.
 There our prefill multiplies in fp32 (16-bit models and the int8/int4 layers' many-rows path
 alike): where qwen.kernels' own GEMM runs (cpu_gemm.cpp, widening or dequantizing the weights as it
-packs them: the avx2 kernel path, and AMD Zen 4) with it, elsewhere with torch's fp32 GEMM on weights
-widened a chunk at a time. This times a prompt's forward (the cache filled, logits for the last position, as generate()
-does) each way in one process, alternating ("fp32 qwen" where our GEMM runs), and prints the
-medians, min-max, the ratios, and how far each path's last logits are from the same model computed
-in fp32.
+packs them: the avx2 kernel path, and AMD Zen 4) with it, elsewhere with torch's fp32 GEMM on
+weights widened a chunk at a time. This times a prompt's forward (the cache filled, logits for the
+last position, as generate() does) each way in one process, alternating ("fp32 qwen" where our GEMM
+runs), and prints the medians, min-max, the ratios, and how far each path's last logits are from
+the same model computed in fp32.
 """
 
 from __future__ import annotations
