@@ -36,7 +36,7 @@ class KernelLinear(nn.Linear):
         if x.numel() > MAX_ROWS * self.in_features and gemm_dtype(weight.dtype, weight.device) != weight.dtype \
                 and x.dtype == weight.dtype and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
             x2 = x.reshape(-1, self.in_features)
-            y = gemm(x2, weight, self.bias)  # qwen.kernels' fp32 GEMM, widening as it packs (the avx2 path)
+            y = gemm(x2, weight, self.bias)  # qwen.kernels' fp32 GEMM, widening as it packs (where gemm_runs())
             if y is None:
                 y = chunked_linear(x2, self.out_features, self._weight_rows, self.bias, self.gemm_chunk)
             return y.view(*x.shape[:-1], self.out_features)
