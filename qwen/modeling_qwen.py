@@ -62,8 +62,9 @@ def fast_dtype(on_cuda: bool) -> torch.dtype:
     fp32 on a CPU). CUDA: bf16 where supported, else fp16 (the original's rule without its fp32
     fallback). CPU: bf16 where it multiplies bf16 natively (AVX512_BF16 or AMX: torch's bf16 GEMM
     prefills ~8x faster than its fp16 one, and our kernels decode both alike); elsewhere fp16, which
-    decoded ~9% faster than bf16 (Qwen-1.8B layers, AVX2 caps on Zen 4; bench/README.md), while
-    both prefill alike there: through fp32 products (qwen.quantization.gemm_dtype)."""
+    decoded ~9% faster than bf16 in one run with AVX2 caps on Zen 4 and alike on an AVX2-only Zen 3
+    (its GEMV reads the layers 1.2x faster there; bench/README.md), while both prefill alike:
+    through fp32 products (qwen.quantization.gemm_dtype)."""
     if on_cuda:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     from .quantization import native_cpu_gemm  # a remote-code file too

@@ -2,11 +2,19 @@
 
 import copy
 import json
+import signal
 from pathlib import Path
 
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+# Several tests send SIGINT to a child (Ctrl-C in cli_demo.py, web_demo.py and openai_api.py). A shell
+# that starts a command in the background without job control (`make test > log &` in a script) starts
+# it with SIGINT ignored, which every child inherits through exec, so no Ctrl-C would reach them. A
+# Python handler here instead is reset to the default at exec: the children get SIGINT as from a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
