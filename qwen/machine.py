@@ -28,7 +28,7 @@ KERNEL_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", 
 KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
-def _cpuinfo_field(name: str, cpuinfo: str | None = None) -> str | None:
+def cpuinfo_field(name: str, cpuinfo: str | None = None) -> str | None:
     """The value of the first `name : value` line of /proc/cpuinfo (None where there is none)."""
     if cpuinfo is None:
         try:
@@ -46,12 +46,12 @@ def _cpuinfo_field(name: str, cpuinfo: str | None = None) -> str | None:
 def cpu_model(cpuinfo: str | None = None) -> str:
     """The CPU's model name (informative: the same model name can hide different microcode or
     settings, and different names share kernels)."""
-    return _cpuinfo_field("model name", cpuinfo) or platform.processor() or platform.machine() or "unknown"
+    return cpuinfo_field("model name", cpuinfo) or platform.processor() or platform.machine() or "unknown"
 
 
 def cpu_flags(cpuinfo: str | None = None) -> dict[str, bool]:
     """Whether the CPU reports each of KERNEL_FLAGS (all False where /proc/cpuinfo is missing)."""
-    present = set((_cpuinfo_field("flags", cpuinfo) or "").split())
+    present = set((cpuinfo_field("flags", cpuinfo) or "").split())
     return {flag: flag in present for flag in KERNEL_FLAGS}
 
 

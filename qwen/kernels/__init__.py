@@ -427,17 +427,9 @@ def _ensure() -> None:
 def half_width_avx512(cpuinfo: str | None = None) -> bool:
     """Whether this CPU runs 512-bit FMAs as two 256-bit halves: AMD family 0x19 (Zen 4; Zen 3, the
     same family, has no AVX-512). From /proc/cpuinfo (False where it cannot be read)."""
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as file:
-                cpuinfo = file.read(1 << 16)
-        except OSError:
-            return False
-    fields = {}
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    return fields.get("vendor_id") == "AuthenticAMD" and fields.get("cpu family") == "25"
+    from ..machine import cpuinfo_field
+
+    return cpuinfo_field("vendor_id", cpuinfo) == "AuthenticAMD" and cpuinfo_field("cpu family", cpuinfo) == "25"
 
 
 def _x86() -> bool:
