@@ -400,12 +400,15 @@ class QWenAttention(nn.Module):
         attention, CPU ops on): the same ops in the same order, so bit for bit its result, with the
         linear layers' forward called directly (no hooks to run: checked) and this layer's KV
         written by `write(k, v)` (the cache layer's or the serving cache's update)."""
-        batch, length, _ = hidden_states.shape
-        ops = _cpu_ops()
-        q, k, v = self._heads(self.c_attn.forward(hidden_states), rotary, ops)
+        q, k, v = self._heads(self.c_attn.forward(hidden_states), rotary, _cpu_ops())
         k, v = write(k, v)
-        out = ops.attention(q, k, v, bias, causal)
+        return self.decode_attend(q, k, v, bias, causal)
+
+    def decode_attend(self, q, k, v, bias, causal):
+        """decode() from the cache write on: attention over the cached keys and values, c_proj."""
+        out = _cpu_ops().attention(q, k, v, bias, causal)
         if out is None:
+            batch, length = q.shape[0], q.shape[2]
             out = self._fast(q, k, v, bias, causal).transpose(1, 2).reshape(batch, length, self.config.hidden_size)
         return self.c_proj.forward(out)
 
@@ -500,8 +503,23 @@ class QWenBlock(GradientCheckpointingLayer):
         return hidden_states, weights
 
     def decode(self, hidden_states, rotary, write, bias, causal):
-        """forward() for the decode step QWenModel._decode_writers admits: see QWenAttention.decode."""
-        hidden_states = hidden_states + self.attn.decode(self.ln_1.forward(hidden_states), rotary, write, bias, causal)
+        """forward() for the decode step QWenModel._decode_writers admits: see QWenAttention.decode.
+        Where qwen.kernels has this block's step in C++ (block_plan: the same kernels in the same
+        order, without the Python between them), that runs it."""
+        plan = _cpu_ops().block_plan(self)
+        qkv = plan.qkv(hidden_states, *rotary) if plan is not None else None
+        if qkv is not None:
+            q, k, v = qkv
+            k, v = write(k, v)
+            out = plan.out(hidden_states, q, k, v, bias, causal)
+            if out is not None:
+                return out
+            return self._decode_mlp(hidden_states + self.attn.decode_attend(q, k, v, bias, causal))
+        return self._decode_mlp(
+            hidden_states + self.attn.decode(self.ln_1.forward(hidden_states), rotary, write, bias, causal)
+        )
+
+    def _decode_mlp(self, hidden_states):
         mlp, x = self.mlp, self.ln_2.forward(hidden_states)
         return hidden_states + mlp.c_proj.forward(mlp.w1.forward(x) * F.silu(mlp.w2.forward(x)))  # as QWenMLP
 

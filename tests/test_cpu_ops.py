@@ -142,28 +142,19 @@ def test_the_model_uses_the_ops_and_use_torch_removes_them(checkpoint):
 
 
 @needs_kernels
-def test_generation_with_the_ops_follows_torch(checkpoint):
-    """Greedy decoding (prefill on torch, decode steps through the ops): the first tokens agree with
-    the torch-only model (tiny random weights: later near-ties may differ in 16-bit)."""
+def test_generation_with_the_ops_follows_torch(checkpoint, block_decodes, plans):
+    """Greedy decoding (prefill on torch, decode steps through the ops, in C++ blocks): the first
+    tokens agree with the torch-only model (tiny random weights: later near-ties may differ in 16-bit)."""
     model = qwen.QWenLMHeadModel.from_pretrained(checkpoint, dtype="bfloat16")
     reference = qwen.QWenLMHeadModel.from_pretrained(checkpoint, dtype="bfloat16")
     use_torch(reference)
     ids = torch.randint(0, 151000, (2, 20), generator=torch.Generator().manual_seed(3))  # > 16: a torch prefill
-    calls = []
-    real = kernels._ext.attention
-
-    def counting(*args, **kwargs):
-        calls.append(args[0].shape)
-        return real(*args, **kwargs)
-
-    kernels._ext.attention = counting
-    try:
-        got = model.generate(ids, max_new_tokens=8, do_sample=False)
-    finally:
-        kernels._ext.attention = real
+    got = model.generate(ids, max_new_tokens=8, do_sample=False)
+    layers = len(model.transformer.h)
+    assert block_decodes == [1] * 7 * layers  # decode steps only: the prefill took the modules
+    assert plans == [True] * 7 * layers
     want = reference.generate(ids, max_new_tokens=8, do_sample=False)
-    assert len(calls) == 7 * len(model.transformer.h)
-    assert calls and all(shape[2] == 1 for shape in calls)  # decode steps only: the prefill took torch's
+    assert not block_decodes[7 * layers:] and not plans[7 * layers:]  # use_torch: no ops at all
     assert torch.equal(got[:, : 20 + 4], want[:, : 20 + 4])
 
 
@@ -197,18 +188,41 @@ def block_decodes(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def plans(monkeypatch):
+    """What kernels.block_plan gave QWenBlock.decode, a bool per block and step (True: the C++ step)."""
+    given = []
+    real = kernels.block_plan
+
+    def recording(block):
+        plan = real(block)
+        given.append(plan is not None)
+        return plan
+
+    monkeypatch.setattr(kernels, "block_plan", recording)
+    return given
+
+
+def _from(checkpoint, weights):
+    """The test checkpoint in bf16 or fp16, or quantized to int8 / int4 (bf16 activations)."""
+    if weights in ("int8", "int4"):
+        return qwen.QWenLMHeadModel.from_pretrained(checkpoint, dtype="bfloat16", quantization=weights).eval()
+    return qwen.QWenLMHeadModel.from_pretrained(checkpoint, dtype=weights).eval()
+
+
 @needs_kernels
-@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
+@pytest.mark.parametrize("weights", ["bfloat16", "float16", "int8", "int4"])
 @pytest.mark.parametrize("batch, prompt, padded", [(1, 4, False), (2, 20, False), (2, 5, True)])
-def test_decode_path_is_bit_for_bit_the_module_path(checkpoint, block_decodes, monkeypatch, quantization, batch,
+def test_decode_path_is_bit_for_bit_the_module_path(checkpoint, block_decodes, plans, monkeypatch, weights, batch,
                                                     prompt, padded):
-    """QWenModel runs decode steps (<= 16 new tokens, 16-bit) through QWenBlock.decode, which calls
-    the same ops in the same order as the modules' forward: the logits are identical. A 4-token
+    """QWenModel runs decode steps (<= 16 new tokens, 16-bit) through QWenBlock.decode, which runs
+    each block's step in C++ (cpu_decode.cpp) or, without it, calls the same ops from Python, in
+    the same order as the modules' forward: the logits are identical all three ways. A 4-token
     prompt on an empty cache takes it too (causal); a 20-token one takes the modules; a left-padded
     batch takes it with its padding mask."""
     from qwen.modeling_qwen import QWenModel
 
-    model = qwen.QWenLMHeadModel.from_pretrained(checkpoint, dtype="bfloat16", quantization=quantization).eval()
+    model = _from(checkpoint, weights)
     layers = len(model.transformer.h)
     ids = torch.randint(0, 151000, (batch, prompt), generator=torch.Generator().manual_seed(5))
     mask = None
@@ -217,8 +231,60 @@ def test_decode_path_is_bit_for_bit_the_module_path(checkpoint, block_decodes, m
         mask[0, :2] = 0
     fast = _steps(model, ids, 6, attention_mask=mask)
     assert block_decodes == ([prompt] if prompt <= 16 else []) * layers + [1] * 6 * layers
+    assert plans and all(plans)  # every block's every step in C++
+    monkeypatch.setattr(kernels, "block_plan", lambda block: None)
+    assert torch.equal(fast, _steps(model, ids, 6, attention_mask=mask))
     monkeypatch.setattr(QWenModel, "_decode_writers", lambda *args: None)
     assert torch.equal(fast, _steps(model, ids, 6, attention_mask=mask))
+
+
+@needs_kernels
+def test_a_cpp_step_that_declines_midway_hands_over_to_the_modules(checkpoint, plans, monkeypatch):
+    """An fp16 model with one int8 layer (the int8 kernel takes bf16 activations only): that block's
+    C++ step declines after the attention, and the modules finish it; the logits equal the module
+    path's."""
+    from qwen.modeling_qwen import QWenModel
+    from qwen.quantization import Int8Linear
+
+    model = _from(checkpoint, "float16")
+    block = model.transformer.h[1]
+    block.mlp.w1 = Int8Linear.from_linear(block.mlp.w1)
+    ids = torch.randint(0, 151000, (2, 5), generator=torch.Generator().manual_seed(8))
+    calls = []
+    real = type(block.attn).decode_attend
+
+    def counting(self, *args):
+        calls.append(self.layer_idx)
+        return real(self, *args)
+
+    monkeypatch.setattr(type(block.attn), "decode_attend", counting)
+    fast = _steps(model, ids, 3)
+    assert plans and all(plans)
+    assert calls == [1] * 4  # the prompt and 3 steps: block 1 only, from the attention on
+    monkeypatch.setattr(QWenModel, "_decode_writers", lambda *args: None)
+    assert torch.equal(fast, _steps(model, ids, 3))
+
+
+@needs_kernels
+def test_cpp_steps_follow_replaced_weights_and_use_torch(checkpoint, plans, monkeypatch):
+    """A block's C++ step is rebuilt when one of its tensors is replaced (and dropped when use_torch
+    swaps its layers back): the logits keep equal to the module path's. The model stays
+    deep-copyable after C++ steps ran."""
+    from qwen.modeling_qwen import QWenModel
+
+    model = _from(checkpoint, "bfloat16")
+    ids = torch.randint(0, 151000, (1, 3), generator=torch.Generator().manual_seed(9))
+    before = _steps(model, ids, 2)
+    mlp = model.transformer.h[0].mlp
+    mlp.w2.weight = torch.nn.Parameter(mlp.w2.weight.detach() * 2, requires_grad=False)
+    after = _steps(model, ids, 2)
+    assert all(plans) and not torch.equal(before, after)
+    copy.deepcopy(model)
+    with monkeypatch.context() as patch:
+        patch.setattr(QWenModel, "_decode_writers", lambda *args: None)
+        assert torch.equal(after, _steps(model, ids, 2))
+    use_torch(model)
+    assert kernels.block_plan(model.transformer.h[0]) is None  # its layers are nn.Linear again
 
 
 @needs_kernels

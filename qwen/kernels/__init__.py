@@ -51,6 +51,11 @@ torch's scaled_dot_product_attention for one query over 80-8000 cached tokens (2
 rms_norm rounds as torch does (only the mean's summation order differs); rotary_qk is bit for bit
 modeling_qwen.apply_rotary.
 
+A whole block's decode step (``cpu_decode.cpp``, the same extension): ``kernels.block_plan(block)``
+gives a QWenBlock whose linear layers all run these kernels a ``DecodeBlock`` (two calls per step,
+``qkv`` before the cache write and ``out`` after it: the same kernels and torch ops in the same
+order as the modules, bit for bit, without the Python between them), which QWenBlock.decode uses.
+
 Many-row products where the CPU has no native 16-bit products (``cpu_gemm.cpp``, the same
 extension; prompts on AVX2-only CPUs, and fp16 prompts on Zen 4):
 
@@ -117,7 +122,7 @@ logger = logging.getLogger("qwen.kernels")
 MAX_ROWS = 16  # activation rows per call; above it a matmul is compute bound and F.linear is the better kernel
 GEMM = True  # False: gemm / int8_gemm / int4_gemm return None, so callers use torch's fp32 GEMM (benchmarks)
 
-_SOURCES = ("cpu_gemv.cpp", "cpu_qgemv.cpp", "cpu_ops.cpp", "cpu_gemm.cpp")
+_SOURCES = ("cpu_gemv.cpp", "cpu_qgemv.cpp", "cpu_ops.cpp", "cpu_gemm.cpp", "cpu_decode.cpp")
 _HEADERS = ("common.h",)  # included by the sources: part of the build tag
 _CFLAGS = ("-O3",)
 _NAMES = {0: "torch", 1: "avx2", 2: "avx512", 3: "avx512_bf16"}
@@ -367,6 +372,13 @@ def rotary_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: in
     if not _level or type(qkv) not in _PLAIN or _recording(qkv):
         return None
     return _ext.rotary_qk(qkv, cos, sin, int(heads), int(head_dim))
+
+
+def block_plan(block: torch.nn.Module):
+    """A QWenBlock's decode step in C++ (two calls), or None: see qwen.kernels.linear.block_plan."""
+    from .linear import block_plan as plan
+
+    return plan(block)
 
 
 def _attention_at(q, k, v, bias, causal, scale, level: int) -> torch.Tensor:

@@ -656,9 +656,14 @@ std::optional<at::Tensor> gemv(const at::Tensor& x_in, const at::Tensor& w, cons
 // functions to this module.
 namespace qwen_kernels {
 int64_t cpu_isa() { return ::cpu_isa(); }
+std::optional<at::Tensor> gemv_op(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                                  int64_t isa) {
+  return ::gemv(x, w, bias, isa);
+}
 void bind_quantized(pybind11::module_& m);  // cpu_qgemv.cpp
 void bind_ops(pybind11::module_& m);        // cpu_ops.cpp
 void bind_gemm(pybind11::module_& m);       // cpu_gemm.cpp
+void bind_decode(pybind11::module_& m);     // cpu_decode.cpp
 }  // namespace qwen_kernels
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -673,4 +678,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   qwen_kernels::bind_quantized(m);
   qwen_kernels::bind_ops(m);
   qwen_kernels::bind_gemm(m);
+  qwen_kernels::bind_decode(m);
 }

@@ -499,6 +499,20 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> rotary_qk(const at::Tensor& qk
 
 namespace qwen_kernels {
 
+std::optional<at::Tensor> attention_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       const std::optional<at::Tensor>& bias, bool causal, double scale, int64_t isa) {
+  return ::attention(q, k, v, bias, causal, scale, isa);
+}
+
+std::optional<at::Tensor> rms_norm_op(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  return ::rms_norm(x, weight, eps);
+}
+
+std::optional<std::tuple<at::Tensor, at::Tensor>> rotary_qk_op(const at::Tensor& qkv, const at::Tensor& cos,
+                                                               const at::Tensor& sin, int64_t heads, int64_t head_dim) {
+  return ::rotary_qk(qkv, cos, sin, heads, head_dim);
+}
+
 void bind_ops(pybind11::module_& m) {
   namespace py = pybind11;
   m.attr("max_queries") = kMaxQueries;

@@ -1106,6 +1106,17 @@ bool int4_supports(const at::Tensor& x, const at::Tensor& packed, const at::Tens
 
 namespace qwen_kernels {
 
+std::optional<at::Tensor> int8_gemv_op(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                                       const std::optional<at::Tensor>& bias, int64_t isa) {
+  return ::int8_gemv(x, qweight, scale, bias, isa);
+}
+
+std::optional<at::Tensor> int4_gemv_op(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                                       const at::Tensor& mins, int64_t group, const std::optional<at::Tensor>& bias,
+                                       int64_t isa, bool exact) {
+  return ::int4_gemv(x, packed, scales, mins, group, bias, isa, exact);
+}
+
 void bind_quantized(pybind11::module_& m) {
   namespace py = pybind11;
   m.def("int8_supports", &int8_supports, "whether int8_gemv takes these tensors", py::arg("x"), py::arg("qweight"),

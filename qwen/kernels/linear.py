@@ -19,10 +19,13 @@ everywhere.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
-from ..quantization import chunked_linear, gemm_dtype
+from .. import kernels
+from ..quantization import Int4Linear, Int8Linear, chunked_linear, gemm_dtype
 from . import MAX_ROWS, backend, gemm, gemv
 
 
@@ -77,3 +80,60 @@ def use_torch(model: nn.Module) -> int:
             module.__class__ = nn.Linear
             swapped += 1
     return swapped
+
+
+# ----------------------------------------------------------------------------- a block's decode step in C++
+
+_plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # block -> (key, DecodeBlock)
+
+
+def _linear_spec(module: nn.Module) -> tuple | None:
+    """(kind, weight, scales, mins, bias, group) of a linear layer whose decode step the C++ block
+    computes as its forward does (KernelLinear: gemv; Int8Linear / Int4Linear: our int8 / int4
+    kernels), or None."""
+    cls, params, buffers = type(module), module._parameters, module._buffers
+    if cls is KernelLinear:
+        return 0, params["weight"], None, None, params["bias"], 0
+    if cls is Int8Linear:
+        return 1, buffers["qweight"], buffers["scale"], None, params["bias"], 0
+    if cls is Int4Linear:
+        return 2, buffers["packed"], buffers["scales"], buffers["mins"], params["bias"], module.group_size
+    return None
+
+
+def block_plan(block: nn.Module):
+    """QWenBlock.decode as two C++ calls (cpu_decode.cpp's DecodeBlock: qkv, then out), for a block
+    whose linear layers are all KernelLinear / Int8Linear / Int4Linear and whose RMSNorms and
+    attention take the decode-step ops (the caller checks those flags and the hooks); None where
+    the kernels are off or a part is something else. Built once per block and rebuilt when a
+    module, a tensor or the kernel settings change (each step compares their identities: ~7 us)."""
+    level = kernels._level
+    if not level:
+        return None
+    parts = block._modules  # not attribute access (nn.Module.__getattr__): this runs every step
+    attn, mlp, ln_1, ln_2 = parts["attn"], parts["mlp"], parts["ln_1"], parts["ln_2"]
+    in_attn, in_mlp = attn._modules, mlp._modules
+    linears = (in_attn["c_attn"], in_attn["c_proj"], in_mlp["w1"], in_mlp["w2"], in_mlp["c_proj"])
+    specs = [_linear_spec(m) for m in linears]
+    norms = (ln_1._parameters["weight"], ln_2._parameters["weight"])
+    key = (level, kernels._INT4_EXACT, ln_1.eps, ln_2.eps, *map(id, linears), *map(id, norms),
+           *(id(part) for spec in specs if spec is not None for part in spec[1:5]))
+    cached = _plans.get(block)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    plan = _build_plan(attn, norms, (ln_1.eps, ln_2.eps), specs, level)
+    _plans[block] = (key, plan)
+    return plan
+
+
+def _build_plan(attn, norms, eps, specs, level: int):
+    plain = kernels._PLAIN
+    if any(spec is None for spec in specs) or not all(type(t) in plain for t in norms):
+        return None
+    if any(t is not None and type(t) not in plain for spec in specs for t in spec[1:5]):
+        return None
+    ext = kernels._ext
+    linears = [ext.DecodeLinear(kind, weight, scales, mins, bias, group, kernels._INT4_EXACT)
+               for kind, weight, scales, mins, bias, group in specs]
+    return ext.DecodeBlock(norms[0], float(eps[0]), norms[1], float(eps[1]), *linears, heads=attn.num_heads,
+                           head_dim=attn.head_dim, isa=level)
