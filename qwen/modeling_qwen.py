@@ -198,18 +198,19 @@ def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> t
     return scale * (q - zero)
 
 
-def _extend(buffer: torch.Tensor | None, view: torch.Tensor | None, new: torch.Tensor, limit: int | None):
-    """Write `new` [B, N, t, x] after `view` (the tokens cached so far, a prefix view of `buffer`) in
-    place, and return (buffer, view of all tokens). The buffer grows by doubling (at most to `limit`
-    tokens, when known), so a decode step writes one token instead of copying the whole history."""
+def _reserve(buffer: torch.Tensor | None, view: torch.Tensor | None, like: torch.Tensor, end: int,
+             limit: int | None):
+    """(buffer, view): a buffer [B, N, >= end, x] shaped as `like` that holds the tokens of `view`
+    (the tokens cached so far, a prefix view of `buffer`), and their view in it. The buffer grows by
+    doubling (at most to `limit` tokens, when known), so a decode step writes one token instead of
+    copying the whole history."""
     length = 0 if view is None else view.shape[-2]
-    end = length + new.shape[-2]
     fits = (
         buffer is not None
         and view is not None
         and view.data_ptr() == buffer.data_ptr()
         and view.stride() == buffer.stride()  # still a prefix view (crop keeps it; reordering does not)
-        and buffer.shape[:2] == new.shape[:2]
+        and buffer.shape[:2] == like.shape[:2]
         and end <= buffer.shape[-2]
     )
     if not fits:
@@ -217,10 +218,19 @@ def _extend(buffer: torch.Tensor | None, view: torch.Tensor | None, new: torch.T
         capacity = max(end + 256, 2 * old)
         if limit:
             capacity = max(min(capacity, limit), end)
-        fresh = new.new_empty(*new.shape[:2], capacity, new.shape[-1])
+        fresh = like.new_empty(*like.shape[:2], capacity, like.shape[-1])
         if length:
             fresh.narrow(2, 0, length).copy_(view)
-        buffer = fresh
+        buffer, view = fresh, fresh.narrow(2, 0, length)
+    return buffer, view
+
+
+def _extend(buffer: torch.Tensor | None, view: torch.Tensor | None, new: torch.Tensor, limit: int | None):
+    """Write `new` [B, N, t, x] after `view` in place (growing the buffer as _reserve does), and
+    return (buffer, view of all tokens)."""
+    length = 0 if view is None else view.shape[-2]
+    end = length + new.shape[-2]
+    buffer, _ = _reserve(buffer, view, new, end, limit)
     buffer.narrow(2, length, end - length).copy_(new)  # narrow: a few us less than indexing, every step
     return buffer, buffer.narrow(2, 0, end)
 
@@ -248,6 +258,21 @@ class PreallocatedLayer(DynamicLayer):
 
     def get_seq_length(self) -> int:
         return 0 if not self.is_initialized or self.keys is None else self.keys.shape[-2]
+
+    def reserve(self, tokens: int):
+        """Room for `tokens` more tokens after those cached: (keys buffer, values buffer, position of
+        the first new token), for a writer that stores them in place (qwen.kernels.run_blocks);
+        `advance(tokens)` then counts them in. Only once something is cached."""
+        end = self.keys.shape[-2] + tokens
+        for name in ("keys", "values"):
+            self._buffers[name], view = _reserve(self._buffers.get(name), getattr(self, name), getattr(self, name), end,
+                                                 self.limit)
+            setattr(self, name, view)
+        return self._buffers["keys"], self._buffers["values"], self.keys.shape[-2]
+
+    def advance(self, tokens: int) -> None:
+        end = self.keys.shape[-2] + tokens
+        self.keys, self.values = self._buffers["keys"].narrow(2, 0, end), self._buffers["values"].narrow(2, 0, end)
 
     def reset(self):
         self._buffers = {}
@@ -653,6 +678,46 @@ class QWenModel(QWenPreTrainedModel):
                     return None
         return writers
 
+    def _run_blocks(self, hidden_states, rotary, cache, rows, biases, causal):
+        """The decode step of the leading blocks that have a C++ step (kernels.block_plan) in one
+        call, kernels.run_blocks, which stores their keys and values into the cache's buffers itself:
+        for the plain cache, and for the engine's when the rows are consecutive slots at one position
+        (one sequence, most often). The same ops on the same operands as QWenBlock.decode, without
+        the Python between blocks. Returns (hidden_states, how many blocks ran)."""
+        ops, length = _cpu_ops(), hidden_states.shape[1]
+        plans = []
+        for block in self.h:
+            plan = ops.block_plan(block)
+            if plan is None:
+                break
+            plans.append(plan)
+        if not plans:
+            return hidden_states, 0
+        layers = None
+        if rows is not None:
+            layout = rows.plain_rows(length)
+            if layout is None:
+                return hidden_states, 0
+            keys, values, position = layout
+        else:
+            layers = cache.layers[: len(plans)]
+            if any(getattr(layer, "keys", None) is None for layer in layers):  # nothing cached yet
+                return hidden_states, 0
+            keys, values, positions = zip(*(layer.reserve(length) for layer in layers))
+            position = positions[0]
+        count = len(plans)
+        hidden_states, done, pending = ops.run_blocks(
+            plans, hidden_states, *rotary, keys[:count], values[:count], position, biases[:count], causal
+        )
+        if layers is not None:
+            for layer in layers[: done + (pending is not None)]:
+                layer.advance(length)
+        if pending is not None:  # block `done` declined after its cache write: the modules finish it
+            block, bias = self.h[done], biases[done]
+            attended = block.attn.decode_attend(*pending, bias, causal and bias is None)
+            hidden_states, done = block._decode_mlp(hidden_states + attended), done + 1
+        return hidden_states, done
+
     def _row_layout(self, rows, query_len, dtype, device):
         """Rotary, LogN and masks for a serving batch of independent sequences: row b holds the
         tokens at positions rows.row_starts[b] + 0..query_len-1 and keeps its own dynamic-NTK alpha
@@ -771,9 +836,11 @@ class QWenModel(QWenPreTrainedModel):
         all_hidden, all_attn = [], []
         writers = self._decode_writers(hidden_states, cache, rows, logn, output_attentions, output_hidden_states)
         if writers is not None:
-            for block, write, window in zip(self.h, writers, windows):
-                bias = biases[window]
-                hidden_states = block.decode(hidden_states, rotary, write, bias, causal and bias is None)
+            layer_biases = [biases[window] for window in windows]
+            hidden_states, done = self._run_blocks(hidden_states, rotary, cache, rows, layer_biases, causal)
+            for index in range(done, len(self.h)):
+                bias = layer_biases[index]
+                hidden_states = self.h[index].decode(hidden_states, rotary, writers[index], bias, causal and bias is None)
             windows = ()  # done: the loop below has nothing left to run
         for block, window in zip(self.h, windows):
             if output_hidden_states:

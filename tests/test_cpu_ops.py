@@ -151,7 +151,7 @@ def test_generation_with_the_ops_follows_torch(checkpoint, block_decodes, plans)
     ids = torch.randint(0, 151000, (2, 20), generator=torch.Generator().manual_seed(3))  # > 16: a torch prefill
     got = model.generate(ids, max_new_tokens=8, do_sample=False)
     layers = len(model.transformer.h)
-    assert block_decodes == [1] * 7 * layers  # decode steps only: the prefill took the modules
+    assert block_decodes == [(1, "run")] * 7 * layers  # decode steps only: the prefill took the modules
     assert plans == [True] * 7 * layers
     want = reference.generate(ids, max_new_tokens=8, do_sample=False)
     assert not block_decodes[7 * layers:] and not plans[7 * layers:]  # use_torch: no ops at all
@@ -174,18 +174,33 @@ def _steps(model, ids, steps, attention_mask=None):
 
 @pytest.fixture
 def block_decodes(monkeypatch):
-    """How many times QWenBlock.decode (the module-free decode path) ran."""
-    from qwen.modeling_qwen import QWenBlock
+    """Each block's module-free decode step, in order: (new tokens, "run") for a block that
+    QWenModel._run_blocks ran (in one C++ call with the blocks before it), (new tokens, "block") for
+    one that QWenBlock.decode ran."""
+    from qwen.modeling_qwen import QWenBlock, QWenModel
 
     calls = []
-    real = QWenBlock.decode
+    real_run, real_decode = QWenModel._run_blocks, QWenBlock.decode
 
-    def counting(self, *args, **kwargs):
-        calls.append(args[0].shape[1])
-        return real(self, *args, **kwargs)
+    def running(self, hidden_states, *args):
+        out, done = real_run(self, hidden_states, *args)
+        calls.extend([(hidden_states.shape[1], "run")] * done)
+        return out, done
 
-    monkeypatch.setattr(QWenBlock, "decode", counting)
+    def decoding(self, hidden_states, *args, **kwargs):
+        calls.append((hidden_states.shape[1], "block"))
+        return real_decode(self, hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(QWenModel, "_run_blocks", running)
+    monkeypatch.setattr(QWenBlock, "decode", decoding)
     return calls
+
+
+def _without_run_blocks(monkeypatch):
+    """Decode steps block by block (QWenBlock.decode), as where kernels.run_blocks does not apply."""
+    from qwen.modeling_qwen import QWenModel
+
+    monkeypatch.setattr(QWenModel, "_run_blocks", lambda self, hidden_states, *args: (hidden_states, 0))
 
 
 @pytest.fixture
@@ -215,11 +230,12 @@ def _from(checkpoint, weights):
 @pytest.mark.parametrize("batch, prompt, padded", [(1, 4, False), (2, 20, False), (2, 5, True)])
 def test_decode_path_is_bit_for_bit_the_module_path(checkpoint, block_decodes, plans, monkeypatch, weights, batch,
                                                     prompt, padded):
-    """QWenModel runs decode steps (<= 16 new tokens, 16-bit) through QWenBlock.decode, which runs
-    each block's step in C++ (cpu_decode.cpp) or, without it, calls the same ops from Python, in
-    the same order as the modules' forward: the logits are identical all three ways. A 4-token
-    prompt on an empty cache takes it too (causal); a 20-token one takes the modules; a left-padded
-    batch takes it with its padding mask."""
+    """QWenModel runs decode steps (<= 16 new tokens, 16-bit) without the modules: all blocks in one
+    C++ call that also stores their keys and values (kernels.run_blocks), or block by block
+    (QWenBlock.decode) in C++ or, without it, calling the same ops from Python, in the same order as
+    the modules' forward: the logits are identical all four ways. A 4-token prompt on an empty cache
+    takes the block-by-block path (causal); a 20-token one takes the modules; a left-padded batch
+    takes the decode path with its padding mask."""
     from qwen.modeling_qwen import QWenModel
 
     model = _from(checkpoint, weights)
@@ -230,8 +246,10 @@ def test_decode_path_is_bit_for_bit_the_module_path(checkpoint, block_decodes, p
         mask = torch.ones(batch, prompt, dtype=torch.long)
         mask[0, :2] = 0
     fast = _steps(model, ids, 6, attention_mask=mask)
-    assert block_decodes == ([prompt] if prompt <= 16 else []) * layers + [1] * 6 * layers
+    assert block_decodes == ([(prompt, "block")] if prompt <= 16 else []) * layers + [(1, "run")] * 6 * layers
     assert plans and all(plans)  # every block's every step in C++
+    _without_run_blocks(monkeypatch)
+    assert torch.equal(fast, _steps(model, ids, 6, attention_mask=mask))
     monkeypatch.setattr(kernels, "block_plan", lambda block: None)
     assert torch.equal(fast, _steps(model, ids, 6, attention_mask=mask))
     monkeypatch.setattr(QWenModel, "_decode_writers", lambda *args: None)
@@ -239,10 +257,41 @@ def test_decode_path_is_bit_for_bit_the_module_path(checkpoint, block_decodes, p
 
 
 @needs_kernels
-def test_a_cpp_step_that_declines_midway_hands_over_to_the_modules(checkpoint, plans, monkeypatch):
+def test_cpp_run_of_the_blocks_grows_crops_and_reorders_the_cache_as_the_modules(checkpoint, block_decodes,
+                                                                               monkeypatch):
+    """kernels.run_blocks stores keys and values into the plain cache's buffers itself: past the
+    end of a buffer (max_length 21 after a 20-token prompt: it grows at every step), after crop and
+    after reorder_cache (no longer a prefix view: a fresh buffer), the logits equal the modules'."""
+    from qwen.modeling_qwen import QWenCache, QWenModel
+
+    model = _from(checkpoint, "bfloat16")
+    ids = torch.randint(0, 151000, (2, 20), generator=torch.Generator().manual_seed(11))
+
+    def run():
+        cache, logits = QWenCache(model.config, max_length=21), []
+        with torch.inference_mode():
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            for step in range(6):
+                if step == 3:
+                    cache.crop(-1)
+                if step == 4:
+                    cache.reorder_cache(torch.tensor([1, 0]))
+                out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+                logits.append(out.logits)
+        return torch.cat(logits, dim=1), cache.get_seq_length()
+
+    fast, length = run()
+    assert length == 25 and block_decodes == [(1, "run")] * 6 * len(model.transformer.h)
+    monkeypatch.setattr(QWenModel, "_decode_writers", lambda *args: None)
+    want, _ = run()
+    assert torch.equal(fast, want)
+
+
+@needs_kernels
+def test_a_cpp_step_that_declines_midway_hands_over_to_the_modules(checkpoint, plans, block_decodes, monkeypatch):
     """An fp16 model with one int8 layer (the int8 kernel takes bf16 activations only): that block's
-    C++ step declines after the attention, and the modules finish it; the logits equal the module
-    path's."""
+    C++ step declines after the attention, and the modules finish it (the C++ run of the blocks
+    stops there: the rest go block by block); the logits equal the module path's."""
     from qwen.modeling_qwen import QWenModel
     from qwen.quantization import Int8Linear
 
@@ -261,6 +310,8 @@ def test_a_cpp_step_that_declines_midway_hands_over_to_the_modules(checkpoint, p
     fast = _steps(model, ids, 3)
     assert plans and all(plans)
     assert calls == [1] * 4  # the prompt and 3 steps: block 1 only, from the attention on
+    layers = len(model.transformer.h)  # each step: blocks 0 and 1 in the C++ run, the rest block by block
+    assert block_decodes[layers:] == ([(1, "run")] * 2 + [(1, "block")] * (layers - 2)) * 3
     monkeypatch.setattr(QWenModel, "_decode_writers", lambda *args: None)
     assert torch.equal(fast, _steps(model, ids, 3))
 
@@ -289,16 +340,19 @@ def test_cpp_steps_follow_replaced_weights_and_use_torch(checkpoint, plans, monk
 
 @needs_kernels
 @pytest.mark.parametrize("quantization", [None, "int4"])
-def test_engine_decode_steps_take_the_decode_path_bit_for_bit(checkpoint, block_decodes, monkeypatch, quantization):
-    """The serving engine's decode steps (rows of different lengths in one batch: per-row positions
-    and a mask) run through QWenBlock.decode with the engine's cache: every token and logprob equals
-    the module path's."""
+@pytest.mark.parametrize("requests, path", [(2, "block"), (1, "run")])
+def test_engine_decode_steps_take_the_decode_path_bit_for_bit(checkpoint, block_decodes, monkeypatch, quantization,
+                                                              requests, path):
+    """The serving engine's decode steps run through the decode path with the engine's cache: rows
+    of different lengths in one batch (per-row positions and a mask) block by block, a single
+    sequence in one C++ run that writes into its slot. Every token and logprob equals the module
+    path's."""
     from qwen.modeling_qwen import QWenModel
     from qwen.serving import Engine, SamplingParams
 
     model = qwen.QWenLMHeadModel.from_pretrained(checkpoint, dtype="bfloat16", quantization=quantization).eval()
     tokenizer = qwen.QWenTokenizer.from_pretrained(checkpoint)
-    prompts = [list(range(100, 107)), list(range(300, 320))]
+    prompts = [list(range(100, 107)), list(range(300, 320))][:requests]
     params = SamplingParams(max_new_tokens=8, do_sample=False, logprobs=2, stop_token_ids=[])
 
     def run():
@@ -312,7 +366,9 @@ def test_engine_decode_steps_take_the_decode_path_bit_for_bit(checkpoint, block_
             engine.shutdown()
 
     fast = run()
-    assert block_decodes and set(block_decodes) == {1}  # decode steps only (the prompts prefill on the modules)
+    # Two requests: decode steps only (the batch's 20-token prefill takes the modules); one: its
+    # 7-token prompt too.
+    assert block_decodes and set(block_decodes) == ({(1, path)} if requests == 2 else {(7, path), (1, path)})
     monkeypatch.setattr(QWenModel, "_decode_writers", lambda *args: None)
     assert fast == run()
 

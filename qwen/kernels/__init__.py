@@ -381,6 +381,14 @@ def block_plan(block: torch.nn.Module):
     return plan(block)
 
 
+def run_blocks(plans, h, cos, sin, keys, values, position: int, biases, causal: bool):
+    """Consecutive blocks' decode steps (block_plan's plans) in one call, each block's keys and
+    values stored into its plain cache buffers [B, N, capacity, d] at `position`: (h, blocks done,
+    None or the (q, keys, values) of a block that declined after its cache write). See
+    cpu_decode.cpp."""
+    return _ext.run_blocks(plans, h, cos, sin, keys, values, int(position), biases, bool(causal))
+
+
 def _attention_at(q, k, v, bias, causal, scale, level: int) -> torch.Tensor:
     """Tests: attention through the path `level`, whatever the caps say."""
     _check_level(level)

@@ -12,6 +12,13 @@
 // Zen 3, 2 threads, alternating): ~1-3% of a Qwen-1.8B step, 16-bit to int4. Either call returns None
 // where one of its kernels declines (e.g. int8/int4 weights with activations other than bf16): the
 // caller then runs the modules from that point, which compute the same thing.
+//
+// run_blocks(blocks, h, cos, sin, keys, values, position, biases, causal) runs consecutive blocks'
+// steps in one call, storing each block's keys and values itself into a plain cache buffer
+// [B, H, capacity, d] at `position` (as PreallocatedLayer / the engine's slots do), so that a step
+// crosses from Python to C++ once instead of three times per block: the 24-block, hidden-128 model
+// above decodes a token (generate) in 4.7 ms instead of 6.4 block by block (fp16, Zen 3 in a slow
+// hour, alternating, 9 rounds); on Qwen-1.8B fp16 146 vs 154 ms, within that hour's noise.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/add.h>
@@ -23,6 +30,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace qwen_kernels {
 // The kernels' entry points (cpu_gemv.cpp, cpu_qgemv.cpp, cpu_ops.cpp), as Python calls them.
@@ -140,6 +148,44 @@ class DecodeBlock {
   int64_t isa_;
 };
 
+using Pending = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // (q, keys, values) of a half-done block
+
+// blocks[0..n) in turn on h; block i's keys and values go to keys[i] / values[i] [B, H, capacity, d]
+// at position .. position + T - 1, and its attention reads positions 0 .. position + T - 1.
+// Returns (h, blocks done, pending): where block i's qkv declines, (h before it, i, None); where its
+// out declines after the write, (h before it, i, (q, keys, values)) for the caller to finish it.
+std::tuple<at::Tensor, int64_t, std::optional<Pending>> run_blocks(
+    const std::vector<const DecodeBlock*>& blocks, at::Tensor h, const at::Tensor& cos, const at::Tensor& sin,
+    const std::vector<at::Tensor>& keys, const std::vector<at::Tensor>& values, int64_t position,
+    const std::vector<std::optional<at::Tensor>>& biases, bool causal) {
+  const auto n = static_cast<int64_t>(blocks.size());
+  TORCH_CHECK(static_cast<int64_t>(keys.size()) == n && static_cast<int64_t>(values.size()) == n &&
+                  static_cast<int64_t>(biases.size()) == n,
+              "run_blocks: one key buffer, value buffer and bias per block");
+  TORCH_CHECK(position >= 0, "run_blocks: position must be >= 0");
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(blocks[i] != nullptr, "run_blocks: block ", i, " is None");
+    auto qkv = blocks[i]->qkv(h, cos, sin);
+    if (!qkv) return {h, i, std::nullopt};
+    const auto& [q, k, v] = *qkv;
+    const int64_t length = k.size(2), end = position + length;
+    for (const auto* pair : {&keys[i], &values[i]}) {
+      const at::Tensor& buffer = *pair;
+      TORCH_CHECK(buffer.dim() == 4 && buffer.size(0) == k.size(0) && buffer.size(1) == k.size(1) &&
+                      buffer.size(3) == k.size(3) && buffer.size(2) >= end && buffer.scalar_type() == k.scalar_type(),
+                  "run_blocks: the cache buffer of block ", i, " does not fit its keys/values");
+    }
+    keys[i].narrow(2, position, length).copy_(k);
+    values[i].narrow(2, position, length).copy_(v);
+    at::Tensor cached_keys = keys[i].narrow(2, 0, end), cached_values = values[i].narrow(2, 0, end);
+    const auto& bias = biases[i];
+    auto out = blocks[i]->out(h, q, cached_keys, cached_values, bias, causal && !bias.has_value());
+    if (!out) return {h, i, Pending{q, cached_keys, cached_values}};
+    h = std::move(*out);
+  }
+  return {h, n, std::nullopt};
+}
+
 }  // namespace
 
 namespace qwen_kernels {
@@ -160,6 +206,9 @@ void bind_decode(pybind11::module_& m) {
            py::call_guard<py::gil_scoped_release>())
       .def("out", &DecodeBlock::out, "the block's output, or None", py::arg("h"), py::arg("q"), py::arg("keys"),
            py::arg("values"), py::arg("bias"), py::arg("causal"), py::call_guard<py::gil_scoped_release>());
+  m.def("run_blocks", &run_blocks, "consecutive blocks' decode steps, their keys and values stored in place",
+        py::arg("blocks"), py::arg("h"), py::arg("cos"), py::arg("sin"), py::arg("keys"), py::arg("values"),
+        py::arg("position"), py::arg("biases"), py::arg("causal"), py::call_guard<py::gil_scoped_release>());
 }
 
 }  // namespace qwen_kernels

@@ -76,13 +76,29 @@ class SlotKVCache:
             return t[self.row_slots[0] : self.row_slots[0] + len(self.row_slots), :, :length]
         return t[:, :, :length].index_select(0, self._index)  # copies only the rows' used part
 
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        length = key_states.shape[2]
-        end = max(self.row_starts) + length
+    def _make_room(self, end: int) -> None:
         if end > self.allocated:  # the first layer of a forward grows them all
             if end > self.capacity:
                 raise ValueError(f"KV cache: a row needs {end} tokens, the limit is {self.capacity}")
             self._grow(min(self.capacity, max(end, 2 * self.allocated)))
+
+    def plain_rows(self, length: int):
+        """For a forward of `length` new tokens whose rows are consecutive slots that all start at one
+        position (one sequence, most often): (keys, values, position), each layer's buffers of those
+        slots [rows, heads, allocated, d], for a writer that stores into them in place what `update`
+        would (qwen.kernels.run_blocks). None for the int8 cache and other batches."""
+        if self.int8 or not self._contiguous or len(set(self.row_starts)) != 1:
+            return None
+        position = self.row_starts[0]
+        self._make_room(position + length)
+        first, count = self.row_slots[0], len(self.row_slots)
+        return ([t.narrow(0, first, count) for t in self.keys], [t.narrow(0, first, count) for t in self.values],
+                position)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        length = key_states.shape[2]
+        end = max(self.row_starts) + length
+        self._make_room(end)
         if self.int8:
             for states, store, params in (
                 (key_states, self.keys[layer_idx], self.key_params[layer_idx]),
