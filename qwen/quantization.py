@@ -57,7 +57,9 @@ of x and of the output (relative 2^-9 each), well under the weights' own quantiz
   integer q widened exactly and multiplied with the bf16 activations, fp32 sums, the fp32 scales (and
   int4 mins) applied in fp32, the bias added in fp32, one rounding to bf16; so the result is the
   product with the canonical weights up to fp32 rounding and the one output rounding (bounds:
-  tests/test_kernels.py). Measured on an AMD EPYC (Zen 4), 2 threads, M = 1, the five Qwen-1.8B
+  tests/test_kernels.py). On CPUs with AVX2 but not AVX-512 both take approach (c) instead: the
+  activations as int16 in one power-of-two unit per group (int8: groups of 128 k), integer products
+  and group sums, which adds at most 2^-16 of the group's largest |x| per activation (same file). Measured on an AMD EPYC (Zen 4), 2 threads, M = 1, the five Qwen-1.8B
   layer shapes (`bench/gemv.py --dtype int8|int4`, `t.sum()` 26-27 GB/s): int8 25-31 GB/s of
   weight bytes vs torch's `_weight_int8pack_mm` 15-22 (1.76x overall; 2.0x at M = 4 and 8); int4
   g64 20-25 GB/s vs torch's `_weight_int4pack_mm_for_cpu` 20-21 GB/s on its 11% smaller copy
