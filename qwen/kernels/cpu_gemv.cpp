@@ -152,10 +152,11 @@ inline void store(const Problem& p, int64_t n, int64_t m, const float* out) {
 }
 
 // Tile shapes (measured on Zen 4 with bench/kernels.py and variants of this file):
-// - M = 1: one weight row at a time, so that each thread reads one sequential stream, which DRAM
-//   serves best; 4 interleaved rows, or K unrolled into several accumulators, read 5-15% slower
-//   on the AVX-512 paths (the AVX2 ones need two accumulators: Chains), and a software prefetch
-//   helps only rows longer than a page (kPageBytes).
+// - M = 1: on the AVX-512 paths one weight row at a time, so that each thread reads one sequential
+//   stream, which DRAM serves best; 4 interleaved rows, or K unrolled into several accumulators,
+//   read 5-15% slower there, and a software prefetch helps only rows longer than a page
+//   (kPageBytes). The AVX2 paths need more independent accumulators: two per row (Chains) and 4 rows
+//   (Path::kRows1, see kPageBytes).
 // - M > 1: tiles of kRows weight rows x kM activation rows, so that each vector loaded feeds several
 //   products (at M >= 4 the products take as long as the reads), and a prefetch into L2 of the
 //   weights kPrefetchBytes ahead on the first pass over a tile (+7-30% at M = 4 and 8: without it
@@ -170,6 +171,12 @@ inline void store(const Problem& p, int64_t n, int64_t m, const float* out) {
 // AVX2-only Zen 3 the AVX2 paths gain on every row, a page or not: the six layer shapes together
 // 1.08-1.13x (fp16) and 1.13x (bf16), the lm_head 1.07-1.13x (interleaved, 9 rounds), so there they
 // prefetch every row (Path::kPrefetchRowsOver: the row bytes above which M = 1 prefetches).
+// There, the AVX2 paths also read 4 rows at a time at M = 1 (Path::kRows1; each output keeps its
+// own two accumulators, so the same bits): the sequence of a Qwen-1.8B decode step's 121 products
+// read at 39-41 GB/s instead of 29.5-30 (fp16 and bf16, 1.32-1.36x; Zen 3 in an hour where t.sum()
+// read 33-40 GB/s, alternating, 7-9 rounds). One row at a time, each FMA chain waits for the one
+// before it (two chains per row: 8 bytes a cycle in cache), which held a core below the memory
+// rate; 4 rows give 8 independent chains.
 constexpr int64_t kPrefetchBytes = 16384;
 constexpr int64_t kPageBytes = 4096;
 
@@ -205,11 +212,22 @@ inline void row_block(const Problem& p, int64_t n, float* out) {
 template <class Path>
 void run(const Problem& p) {
   if (p.M == 1) {
-    const int64_t grain = std::max<int64_t>(1, kMinTaskElements / p.K);
+    constexpr int R1 = Path::kRows1;
+    const int64_t groups = (p.N + R1 - 1) / R1;
+    const int64_t grain = std::max<int64_t>(1, kMinTaskElements / (R1 * p.K));
     const bool prefetch = p.K * 2 > Path::kPrefetchRowsOver;
-    at::parallel_for(0, p.N, grain, [&](int64_t n0, int64_t n1) {
-      float out[1];
-      for (int64_t n = n0; n < n1; ++n) {
+    at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+      float out[R1];
+      int64_t n = g0 * R1;
+      const int64_t n1 = std::min(g1 * R1, p.N);
+      for (; n + R1 <= n1; n += R1) {
+        if (prefetch)
+          Path::template tile<R1, 1, true>(p, n, 0, out);
+        else
+          Path::template tile<R1, 1, false>(p, n, 0, out);
+        store<R1, 1>(p, n, 0, out);
+      }
+      for (; n < n1; ++n) {
         if (prefetch)
           Path::template tile<1, 1, true>(p, n, 0, out);
         else
@@ -337,7 +355,7 @@ QK_AVX512 inline __mmask32 tail_mask32(int64_t count) {  // count in 1..31
 struct DpBf16 {
   using X = uint16_t;
   using Vec = __m512;
-  static constexpr int kRows = 4, kM = 4;
+  static constexpr int kRows = 4, kM = 4, kRows1 = 1;
   static constexpr int64_t kPrefetchRowsOver = INT64_MAX;  // at M = 1: never (see kPageBytes)
   static constexpr int64_t kStep = 32;
 
@@ -384,7 +402,7 @@ struct DpBf16 {
 struct ShiftBf16x512 {
   using X = float;
   using Vec = __m512;
-  static constexpr int kRows = 4, kM = 4;
+  static constexpr int kRows = 4, kM = 4, kRows1 = 1;
   static constexpr int64_t kPrefetchRowsOver = kPageBytes;  // at M = 1: rows over a page (see kPageBytes)
   static constexpr int64_t kStep = 32;
 
@@ -433,7 +451,7 @@ struct ShiftBf16x512 {
 struct CvtF16x512 {
   using X = float;
   using Vec = __m512;
-  static constexpr int kRows = 4, kM = 4;
+  static constexpr int kRows = 4, kM = 4, kRows1 = 1;
   static constexpr int64_t kPrefetchRowsOver = kPageBytes;  // at M = 1: rows over a page (see kPageBytes)
   static constexpr int64_t kStep = 32;
 
@@ -517,7 +535,7 @@ inline void copy_tail(const uint16_t* w, int64_t K, int64_t k, uint16_t (&tail)[
 struct ShiftBf16x256 {
   using X = float;
   using Vec = Chains<__m256>;
-  static constexpr int kRows = 4, kM = 2;
+  static constexpr int kRows = 4, kM = 2, kRows1 = 4;  // kRows1: see kPageBytes
   static constexpr int64_t kPrefetchRowsOver = 0;  // at M = 1: every row (see kPageBytes)
   static constexpr int64_t kStep = 16;
 
@@ -557,7 +575,7 @@ struct ShiftBf16x256 {
 struct CvtF16x256 {
   using X = float;
   using Vec = Chains<__m256>;
-  static constexpr int kRows = 4, kM = 2;
+  static constexpr int kRows = 4, kM = 2, kRows1 = 4;  // kRows1: see kPageBytes
   static constexpr int64_t kPrefetchRowsOver = 0;  // at M = 1: every row (see kPageBytes)
   static constexpr int64_t kStep = 16;
 
