@@ -52,6 +52,7 @@ from decode import (
 )
 
 from qwen import QWenLMHeadModel
+from qwen.modeling_qwen import fast_dtype
 from qwen.tokenization_qwen import QWenTokenizer
 from qwen.tools.export_gguf import export_gguf
 from qwen.vocab import find_qwen_tiktoken
@@ -320,8 +321,24 @@ def _run(args, classes, work: Path, bf16_bytes: int) -> int:
           f"quantization={CLASSES['int4'][1]['quantization']!r} against Q4_0's blocks of 32 (fp16 scale), int4:64 "
           "against Q4_1's (fp16 scale and min); llama.cpp's Q4_x files keep output.weight in Q6_K (Q8_0 when "
           "hidden is not a multiple of 256).")
+    print_16bit_target(rows)
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
     return 0
+
+
+def print_16bit_target(rows) -> None:
+    """The issue's 16-bit targets: our default 16-bit dtype on this CPU (dtype="fast") against the
+    faster of llama.cpp's BF16 and F16 in this run, in decode and in prefill."""
+    if "bf16" not in rows or "fp16" not in rows:
+        return
+    ours = "bf16" if fast_dtype(on_cuda=False) == torch.bfloat16 else "fp16"
+    _, _, _, op, od, _ = rows[ours]
+    for phase, at, mine in (("decode", 2, od), ("prefill", 1, op)):
+        best = max(("bf16", "fp16"), key=lambda c: rows[c][at])
+        peer, rate = rows[best][0], rows[best][at]
+        ratio = "n/a" if mine is None else f"{mine / rate:.3f}"
+        print(f"16-bit {phase}: ours {ours} (dtype='fast' here) {fmt(mine)} tok/s against llama.cpp's faster "
+              f"16-bit, {peer}, {rate:.2f} tok/s: ratio {ratio}")
 
 
 if __name__ == "__main__":

@@ -66,6 +66,9 @@ def test_vs_llamacpp_bench():
         assert re.search(rf"(?m)^{name}\s.*\d", out), f"no {name} row"
     assert "ratio" in out and len(re.findall(r"(?m)^ours +bf16 ", out)) == 2  # one line per round
     assert re.search(r"(?m)^llama.cpp system info: .*AVX2 = [01]", out), "llama.cpp's SIMD features not shown"
+    for phase in ("decode", "prefill"):  # our default 16-bit dtype against llama.cpp's faster 16-bit format
+        assert re.search(rf"(?m)^16-bit {phase}: ours (bf16|fp16) .* llama.cpp's faster 16-bit, (BF16|F16), [\d.]+ "
+                         r"tok/s: ratio \d", out), f"no 16-bit {phase} target line"
 
 
 def test_decode_bench_quantized_batch():
