@@ -68,12 +68,12 @@ def exports(tiny, tmp_path_factory):
     return paths
 
 
-@pytest.fixture(scope="module", params=OUTTYPES)
-def read_back(request, exports):
-    """(outtype, GGUFReader of that file). Module-scoped and parametrized, so pytest runs every test of one
-    outtype together and holds one reader (~0.7 GB for the full vocabulary) at a time."""
-    reader = gguf.GGUFReader(exports[request.param])
-    yield request.param, reader
+@pytest.fixture(scope="module")
+def read_back(exports):
+    """GGUFReader of the f32 file (~10 s and ~0.7 GB for the full vocabulary, so only this one: the
+    other outtypes are checked against it through raw_metadata and quick_read)."""
+    reader = gguf.GGUFReader(exports["f32"])
+    yield reader
     del reader
 
 
@@ -101,10 +101,10 @@ def field(reader, key):
 _SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType -> bytes
 
 
-def quick_read(path):
+def quick_read(path, metadata=None):
     """(general.name, {tensor name: (ggml type name, numpy shape, data)}) of a GGUF file, without building
-    GGUFReader's per-string objects (tens of seconds for a 151936-token vocabulary; the module's main files
-    are read with GGUFReader itself)."""
+    GGUFReader's per-string objects (tens of seconds for a 151936-token vocabulary; the f32 file is read
+    with GGUFReader itself). `metadata`, a dict, receives {key: (value type, raw value bytes)} in file order."""
     buf = memoryview(Path(path).read_bytes())
     assert bytes(buf[:4]) == b"GGUF"
     version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
@@ -138,7 +138,10 @@ def quick_read(path):
             name = string(pos)[0]
         if key == "general.alignment":
             (alignment,) = struct.unpack_from("<I", buf, pos)
-        pos = skip(vtype, pos)
+        end = skip(vtype, pos)
+        if metadata is not None:
+            metadata[key] = (vtype, bytes(buf[pos:end]))
+        pos = end
     infos = []
     for _ in range(n_tensors):
         tname, pos = string(pos)
@@ -171,11 +174,11 @@ def tensor_data(t):
 
 
 def test_metadata_from_config(read_back, tiny):
-    outtype, r = read_back
+    r = read_back
     config = json.loads((tiny / "config.json").read_text())
     assert field(r, "general.architecture") == "qwen"
     assert field(r, "general.name") == "tiny-chat"
-    assert field(r, "general.file_type") == {"f32": 0, "f16": 1, "bf16": 32}[outtype]
+    assert field(r, "general.file_type") == 0  # f32
     assert field(r, "qwen.context_length") == config["seq_length"] == 2048
     assert field(r, "qwen.embedding_length") == config["hidden_size"] == 64
     assert field(r, "qwen.block_count") == config["num_hidden_layers"] == 2
@@ -190,8 +193,21 @@ def test_metadata_from_config(read_back, tiny):
     assert field(r, "qwen.vocab_size") == 151936
 
 
+@pytest.mark.parametrize("outtype", ["f16", "bf16"])
+def test_other_outtypes_carry_the_same_metadata(exports, outtype):
+    """Every key and value of the f32 file (GGUFReader-checked above and below), in the same order, but
+    general.file_type (llama_ftype: 1 MOSTLY_F16, 32 MOSTLY_BF16)."""
+    reference, other = {}, {}
+    quick_read(exports["f32"], reference)
+    quick_read(exports[outtype], other)
+    assert list(other) == list(reference)
+    assert other.pop("general.file_type") == (4, struct.pack("<I", {"f16": 1, "bf16": 32}[outtype]))
+    assert reference.pop("general.file_type") == (4, struct.pack("<I", 0))
+    assert other == reference
+
+
 def test_tokenizer_metadata(read_back, tokenizer):
-    _, r = read_back
+    r = read_back
     assert field(r, "tokenizer.ggml.model") == "gpt2"
     assert field(r, "tokenizer.ggml.pre") == "qwen2"
     for key in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id"):
@@ -235,7 +251,7 @@ def _bpe(text, ranks, ids, encoder):
 
 
 def test_merges_reproduce_our_token_ids(read_back, tokenizer):
-    _, r = read_back
+    r = read_back
     tokens = field(r, "tokenizer.ggml.tokens")
     merges = field(r, "tokenizer.ggml.merges")
     assert all(m.count(" ") == 1 for m in merges[:1000])
@@ -281,10 +297,11 @@ def source_name(gguf_name):
     return SOURCE[gguf_name]
 
 
-def test_tensors(read_back, checkpoint_tensors):
-    outtype, r = read_back
-    assert {t.name for t in r.tensors} == expected_names(2)
-    assert r.tensors[0].name == "token_embd.weight" and r.tensors[-1].name == "output.weight"
+@pytest.mark.parametrize("outtype", OUTTYPES)
+def test_tensors(exports, outtype, checkpoint_tensors):
+    _, tensors = quick_read(exports[outtype])
+    assert set(tensors) == expected_names(2)
+    assert list(tensors)[0] == "token_embd.weight" and list(tensors)[-1] == "output.weight"
     ggml_shapes = {  # llama.cpp's create_tensor shapes (ne order: the inner dimension first)
         "token_embd.weight": [64, 151936], "output.weight": [64, 151936], "output_norm.weight": [64],
         "blk.0.attn_qkv.weight": [64, 192], "blk.0.attn_qkv.bias": [192], "blk.0.attn_output.weight": [64, 64],
@@ -292,27 +309,35 @@ def test_tensors(read_back, checkpoint_tensors):
         "blk.1.attn_norm.weight": [64], "blk.1.ffn_norm.weight": [64],
     }
     target = TORCH_DTYPES[outtype]
-    for t in r.tensors:
-        source = checkpoint_tensors[source_name(t.name)]
-        if t.name in ggml_shapes:
-            assert list(t.shape) == ggml_shapes[t.name], t.name
+    for name, (ggml_type, shape, data) in tensors.items():
+        source = checkpoint_tensors[source_name(name)]
+        if name in ggml_shapes:
+            assert list(reversed(shape)) == ggml_shapes[name], name
         if source.dim() == 1:  # norms and the qkv bias stay F32 in every outtype
-            assert t.tensor_type.name == "F32", t.name
+            assert ggml_type == "F32", name
             expected = source.float()
         else:
-            assert t.tensor_type.name == GGML_TYPES[outtype], t.name
+            assert ggml_type == GGML_TYPES[outtype], name
             expected = source.to(target)
-        data = tensor_data(t)
-        assert tuple(data.shape) == tuple(source.shape), t.name
-        assert torch.equal(data, expected), t.name
-    if outtype == "f32":  # the mapping, spelled out on exact copies
-        data = {t.name: tensor_data(t) for t in r.tensors}
-        assert torch.equal(data["blk.1.ffn_gate.weight"], checkpoint_tensors["transformer.h.1.mlp.w2.weight"])
-        assert torch.equal(data["blk.1.ffn_up.weight"], checkpoint_tensors["transformer.h.1.mlp.w1.weight"])
-        assert torch.equal(data["blk.1.ffn_down.weight"], checkpoint_tensors["transformer.h.1.mlp.c_proj.weight"])
-        assert torch.equal(data["blk.0.attn_qkv.bias"], checkpoint_tensors["transformer.h.0.attn.c_attn.bias"])
-        assert torch.equal(data["token_embd.weight"], checkpoint_tensors["transformer.wte.weight"])
-        assert torch.equal(data["output.weight"], checkpoint_tensors["lm_head.weight"])
+        assert tuple(data.shape) == tuple(source.shape), name
+        assert torch.equal(data, expected), name
+
+
+def test_gguf_reader_reads_the_f32_tensors(read_back, exports, checkpoint_tensors):
+    """gguf's own reader finds in the f32 file what quick_read finds; the mapping, spelled out on these
+    exact copies."""
+    r = read_back
+    _, tensors = quick_read(exports["f32"])
+    assert [t.name for t in r.tensors] == list(tensors)
+    for t in r.tensors:
+        assert t.tensor_type.name == tensors[t.name][0] and torch.equal(tensor_data(t), tensors[t.name][2]), t.name
+    data = {t.name: tensor_data(t) for t in r.tensors}
+    assert torch.equal(data["blk.1.ffn_gate.weight"], checkpoint_tensors["transformer.h.1.mlp.w2.weight"])
+    assert torch.equal(data["blk.1.ffn_up.weight"], checkpoint_tensors["transformer.h.1.mlp.w1.weight"])
+    assert torch.equal(data["blk.1.ffn_down.weight"], checkpoint_tensors["transformer.h.1.mlp.c_proj.weight"])
+    assert torch.equal(data["blk.0.attn_qkv.bias"], checkpoint_tensors["transformer.h.0.attn.c_attn.bias"])
+    assert torch.equal(data["token_embd.weight"], checkpoint_tensors["transformer.wte.weight"])
+    assert torch.equal(data["output.weight"], checkpoint_tensors["lm_head.weight"])
 
 
 def test_bf16_checkpoint_to_every_outtype(tmp_path):
