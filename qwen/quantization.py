@@ -59,11 +59,12 @@ of x and of the output (relative 2^-9 each), well under the weights' own quantiz
   product with the canonical weights up to fp32 rounding and the one output rounding (bounds:
   tests/test_kernels.py). On CPUs with AVX2 but not AVX-512 both take approach (c) instead: the
   activations as int16 in one power-of-two unit per group (int8: groups of 128 k), integer products
-  and group sums, which adds at most 2^-16 of the group's largest |x| per activation (same file). Measured on an AMD EPYC (Zen 4), 2 threads, M = 1, the five Qwen-1.8B
-  layer shapes (`bench/gemv.py --dtype int8|int4`, `t.sum()` 26-27 GB/s): int8 25-31 GB/s of
-  weight bytes vs torch's `_weight_int8pack_mm` 15-22 (1.76x overall; 2.0x at M = 4 and 8); int4
-  g64 20-25 GB/s vs torch's `_weight_int4pack_mm_for_cpu` 20-21 GB/s on its 11% smaller copy
-  (0.9-1.1x per layer; lm_head 10.8 vs 8.0 GB/s, slow in both; 1.03-1.17x at M = 8). Whole 1.8B model, greedy decode, 2 threads
+  and group sums, which adds at most 2^-16 of the group's largest |x| per activation (same file).
+  Measured on an AMD EPYC (Zen 4), 2 threads, M = 1, the five Qwen-1.8B layer shapes
+  (`bench/gemv.py --dtype int8|int4`, `t.sum()` 26-27 GB/s): int8 25-31 GB/s of weight bytes vs
+  torch's `_weight_int8pack_mm` 15-22 (1.76x overall; 2.0x at M = 4 and 8); int4 g64 20-25 GB/s vs
+  torch's `_weight_int4pack_mm_for_cpu` 20-21 GB/s on its 11% smaller copy (0.9-1.1x per layer;
+  lm_head 10.8 vs 8.0 GB/s, slow in both; 1.03-1.17x at M = 8). Whole 1.8B model, greedy decode, 2 threads
   (`bench/decode.py --shape 1_8b --vs-torch-kernels`): int8 13.9 vs 9.2 tok/s, int4 17.6 vs 16.6;
   with the decode-step ops of qwen/kernels/cpu_ops.cpp, 18.0 and 25.2 (`bench/vs_llamacpp.py`).
 * M < `large_m` (24 for int8, 64 for int4) otherwise: torch's weight-only kernels, which read the
