@@ -1,7 +1,7 @@
 """CUDA kernels for attention over the int8 KV cache (`use_cache_quantization=True, use_cache_kernel=True`).
 
 This file is also written into saved checkpoints as remote code, with the kernel sources
-cache_kernels.cu and cache_kernels.cpp beside it: it imports only torch and the standard library.
+cache_kernels.cu, cache_kernels.cpp and their shared header cache_kernels.cuh beside it: it imports only torch and the standard library.
 
     from qwen import cache_kernels
     ext = cache_kernels.load(model.config)     # the built extension, or None (then the torch path runs)
@@ -30,7 +30,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("cache_kernels.cpp", "cache_kernels.cu")
+SOURCES = ("cache_kernels.cpp", "cache_kernels.cu")  # compiled
+HEADERS = ("cache_kernels.cuh",)  # included by both: needed beside them, and part of the build's hash
 
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}  # source directory -> extension (or None after a failure)
@@ -38,20 +39,20 @@ _by_checkpoint: dict[str | None, str] = {}  # config._name_or_path -> its source
 
 
 def source_dir(config=None) -> Path | None:
-    """The directory holding both kernel sources: beside this file, else the checkpoint's."""
+    """The directory holding the kernel sources: beside this file, else the checkpoint's."""
     candidates = [Path(__file__).resolve().parent]
     name = getattr(config, "_name_or_path", None)
     if name and Path(name).is_dir():
         candidates.append(Path(name).resolve())
     for directory in candidates:
-        if all((directory / source).is_file() for source in SOURCES):
+        if all((directory / source).is_file() for source in SOURCES + HEADERS):
             return directory
     return None
 
 
 def _build_dir(directory: Path) -> Path:
     digest = hashlib.sha256()
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
         digest.update((directory / source).read_bytes())
     digest.update(f"{torch.__version__} {torch.version.cuda}".encode())
     root = Path(os.environ.get("QWEN_KERNEL_CACHE") or Path.home() / ".cache" / "qwen" / "kernels")
@@ -70,7 +71,7 @@ def load(config=None):
         return _loaded.get(_by_checkpoint[name])
     directory = source_dir(config)
     if directory is None:
-        return _give_up(f"the sources {', '.join(SOURCES)} are not beside {__file__} nor in the checkpoint")
+        return _give_up(f"the sources {', '.join(SOURCES + HEADERS)} are not beside {__file__} nor in the checkpoint")
     key = str(directory)
     with _lock:
         if key not in _loaded:

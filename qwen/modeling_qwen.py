@@ -1256,7 +1256,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
 # and the config.json entries that point at them.
 REMOTE_CODE_FILES = (
     "configuration_qwen.py", "modeling_qwen.py", "qwen_generation_utils.py", "tokenization_qwen.py", "quantization.py",
-    "gptq.py", "cache_kernels.py", "cache_kernels.cpp", "cache_kernels.cu",
+    "gptq.py", "cache_kernels.py", "cache_kernels.cpp", "cache_kernels.cu", "cache_kernels.cuh",
 )
 CONFIG_AUTO_MAP = {
     "AutoConfig": "configuration_qwen.QWenConfig",

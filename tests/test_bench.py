@@ -54,6 +54,21 @@ def test_memory_bench():
     assert 0 < int8 < plain
 
 
+def test_cache_kernels_bench():
+    import torch
+
+    out = run_bench("cache_kernels.py", "--dtypes", "float16", "--contexts", "1024", "--batch", "1", "--repeats", "2",
+                    "--bandwidth-gib", "0.1")
+    plain, int8, ratio = re.search(r"16-bit ([\d.]+) KiB, int8 ([\d.]+) KiB \(int8/16-bit ([\d.]+)\)", out).groups()
+    # per head and token: 128 fp16 values (256 bytes) against 128 bytes + an fp16 scale and zero
+    assert float(plain) == 32 * 2 * 32 * 256 / 1024 and float(int8) == 32 * 2 * 32 * (128 + 4) / 1024
+    assert float(ratio) == round((128 + 4) / 256, 3)
+    if torch.cuda.is_available():
+        assert re.search(r"(?m)^float16 +1 +1024 +[\d.]+ +[\d.]+ +[\d.]+ ", out), out
+    else:
+        assert "no CUDA device" in out
+
+
 LLAMA_PYTHON = os.environ.get("QWEN_LLAMA_PYTHON", "/tmp/llama_venv/bin/python")
 
 
