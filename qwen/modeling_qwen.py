@@ -338,6 +338,8 @@ class QWenCache(DynamicCache):
     place, plus the dynamic-NTK alphas chosen at prefill, which later decoding steps keep (as the
     original does). `max_length`, when known (generate knows it), caps how far the buffers grow."""
 
+    int8_raw_views = True  # update(k, v, layer, {"int8_raw": True}) gives the int8 cache's tensors (CUDA kernels)
+
     def __init__(self, config: QWenConfig, max_length: int | None = None):
         layer_class = Int8KVLayer if config.use_cache_quantization else PreallocatedLayer
         Cache.__init__(self, layers=[layer_class(max_length) for _ in range(config.num_hidden_layers)])
@@ -444,8 +446,8 @@ class QWenAttention(nn.Module):
         q, k, v = self._heads(qkv, rotary, ops)
 
         int8 = None  # (extension, keys, values) for the int8-cache CUDA kernels
-        if cache is not None and self.config.use_cache_kernel and q.is_cuda and isinstance(cache, QWenCache) \
-                and self.config.use_cache_quantization:
+        if cache is not None and self.config.use_cache_kernel and q.is_cuda and self.config.use_cache_quantization \
+                and getattr(cache, "int8_raw_views", False):
             from .cache_kernels import load as load_cache_kernels
 
             ext = load_cache_kernels(self.config)

@@ -209,5 +209,28 @@ def test_on_cuda_the_model_gives_the_same_tokens_with_the_kernels(checkpoint, ca
     assert torch.equal(outputs[True], outputs[False])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_the_engine_gives_the_same_tokens_with_the_kernels(checkpoint, caplog):
+    """The serving engine's int8 cache feeds the kernels too (rows of different lengths in one batch)."""
+    from qwen.serving import Engine, SamplingParams
+
+    tokenizer = qwen.QWenTokenizer.from_pretrained(checkpoint)
+    prompts = [tokenizer.encode(text) for text in ("a short one", "a somewhat longer prompt for the int8 cache")]
+    params = SamplingParams(max_new_tokens=16, do_sample=False)
+    tokens = {}
+    for kernel in (False, True):
+        model = qwen.QWenLMHeadModel.from_pretrained(checkpoint, use_cache_quantization=True,
+                                                     use_cache_kernel=kernel).cuda().eval()
+        engine = Engine(model, tokenizer, max_running=2)
+        try:
+            with caplog.at_level(logging.INFO, logger="qwen.cache_kernels"):
+                streams = [engine.submit(ids, params) for ids in prompts]
+                tokens[kernel] = [stream.result().token_ids for stream in streams]
+        finally:
+            engine.shutdown()
+    assert "CUDA kernels" in caplog.text
+    assert tokens[True] == tokens[False] and all(len(t) == 16 for t in tokens[True])
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

@@ -235,6 +235,34 @@ def test_int8_cache_engine_matches_model_generate(checkpoint, tmp_path):
         engine.shutdown()
 
 
+@pytest.mark.parametrize("slots", [[1, 2], [3, 0]], ids=["consecutive", "scattered"])
+def test_int8_cache_hands_the_kernels_its_stored_rows(slots):
+    """What the CUDA kernels read from the engine's int8 cache ({"int8_raw": True}) is what the torch
+    path dequantizes: the same rows, lengths and (scale, zero); views of the buffers when the rows'
+    slots are consecutive."""
+    from qwen.cache_kernels import pv_torch, qk_torch
+    from qwen.serving.kv import SlotKVCache
+
+    config = qwen.QWenConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=1, kv_channels=16,
+                             use_cache_quantization=True)
+    generator = torch.Generator().manual_seed(0)
+    chunks = [[torch.randn(2, 4, n, 16, generator=generator) for _ in range(2)] for n in (5, 1)]
+    outputs = {}
+    for raw in (False, True):
+        cache = SlotKVCache(config, 4, 64, torch.float32, "cpu", initial=8)
+        for (keys, values), start in zip(chunks, (0, 5)):
+            cache.select(slots, [start, start], [1.0, 1.0])
+            outputs[raw] = cache.update(keys, values, 0, {"int8_raw": True} if raw else None)
+    (key_q, *key_params), (value_q, *value_params) = outputs[True]
+    keys, values = outputs[False]
+    assert key_q.dtype == torch.uint8 and key_q.shape == keys.shape == (2, 4, 6, 16)
+    assert key_params[0].shape == (2, 4, 6, 1)
+    assert (key_q.untyped_storage().data_ptr() == cache.keys[0].untyped_storage().data_ptr()) == (slots == [1, 2])
+    query, probs = torch.randn(2, 4, 1, 16), torch.softmax(torch.randn(2, 4, 1, 6), -1)
+    assert torch.equal(qk_torch(query, key_q, *key_params), query @ keys.mT)
+    assert torch.equal(pv_torch(probs, value_q, *value_params), probs @ values)
+
+
 def test_logits_processors_steer_every_step(engine):
     """A request's processors (and the engine's own) see the generated ids and edit the logits."""
     text = engine.tokenizer.encode("Action: search")

@@ -95,7 +95,11 @@ class SlotKVCache:
         return ([t.narrow(0, first, count) for t in self.keys], [t.narrow(0, first, count) for t in self.values],
                 position)
 
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+    # update(k, v, layer, {"int8_raw": True}) returns the int8 cache's (keys, scale, zero) and
+    # (values, scale, zero) of the rows (views when their slots are consecutive) for the CUDA kernels.
+    int8_raw_views = True
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None, *args, **kwargs):
         length = key_states.shape[2]
         end = max(self.row_starts) + length
         self._make_room(end)
@@ -109,11 +113,13 @@ class SlotKVCache:
                     store[slot, :, start : start + length] = q[row]
                     params[0][slot, :, start : start + length] = scale[row]
                     params[1][slot, :, start : start + length] = zero[row]
-            keys = dequantize_kv(self._rows(self.keys[layer_idx], end), *(self._rows(p, end) for p in self.key_params[layer_idx]))
-            values = dequantize_kv(
-                self._rows(self.values[layer_idx], end), *(self._rows(p, end) for p in self.value_params[layer_idx])
+            keys, values = (
+                tuple(self._rows(t, end) for t in (stored[layer_idx], *params[layer_idx]))
+                for stored, params in ((self.keys, self.key_params), (self.values, self.value_params))
             )
-            return keys, values
+            if cache_kwargs and cache_kwargs.get("int8_raw"):
+                return keys, values
+            return dequantize_kv(*keys), dequantize_kv(*values)
         for row, (slot, start) in enumerate(zip(self.row_slots, self.row_starts)):
             self.keys[layer_idx][slot, :, start : start + length] = key_states[row]
             self.values[layer_idx][slot, :, start : start + length] = value_states[row]
