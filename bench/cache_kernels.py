@@ -2,14 +2,17 @@
 of context costs in the int8 cache against the 16-bit one.
 
     python bench/cache_kernels.py [--contexts 1024 4096 16384 32768] [--batch 1 8] [--dtypes float16 bfloat16]
+                                  [--positions 1 4 16]
 
-One decode step of one attention layer of Qwen-7B's shape (32 heads of 128) is timed with CUDA
-events, median of --repeats after a warm-up, both paths interleaved in every repeat: qk (query @
-keys^T) and pv (probs @ values) over a cache of `context` tokens that is, as in the model, a view of
-a longer buffer. It prints the medians, the ratio torch/kernels (> 1: the kernels are faster) and
-the largest difference between the two paths relative to the largest output. The bytes per token of
-context are measured from the engine's real cache buffers for the 7B shape (all 32 layers), on the
-GPU when there is one. Without CUDA only the memory part runs, and it says so.
+One step of one attention layer of Qwen-7B's shape (32 heads of 128) is timed with CUDA events,
+median of --repeats after a warm-up, both paths interleaved in every repeat: qk (query @ keys^T) and
+pv (probs @ values) over a cache of `context` tokens that is, as in the model, a view of a longer
+buffer. A decode step by default; --positions (new tokens per step) shows where the kernels stop
+paying, which sets modeling_qwen.CACHE_KERNEL_MAX_POSITIONS. It prints the medians, the ratio
+torch/kernels (> 1: the kernels are faster) and the largest difference between the two paths
+relative to the largest output. The bytes per token of context are measured from the engine's real
+cache buffers for the 7B shape (all 32 layers), on the GPU when there is one. Without CUDA only the
+memory part runs, and it says so.
 """
 
 from __future__ import annotations
@@ -71,11 +74,11 @@ def time_ms(run, repeats: int) -> list[list[float]]:
     return times
 
 
-def compare(ext, dtype: torch.dtype, batch: int, context: int, repeats: int) -> dict:
+def compare(ext, dtype: torch.dtype, batch: int, context: int, positions: int, repeats: int) -> dict:
     torch.manual_seed(context + batch)
     keys, values = cache_view(batch, context, dtype), cache_view(batch, context, dtype)
-    query = torch.randn(batch, HEADS, 1, HEAD_DIM, device="cuda", dtype=dtype)
-    probs = torch.softmax(torch.randn(batch, HEADS, 1, context, device="cuda"), -1).to(dtype)
+    query = torch.randn(batch, HEADS, positions, HEAD_DIM, device="cuda", dtype=dtype)
+    probs = torch.softmax(torch.randn(batch, HEADS, positions, context, device="cuda"), -1).to(dtype)
     paths = {
         "kernels": lambda: (cache_kernels.qk(ext, query, *keys), cache_kernels.pv(ext, probs, *values)),
         "torch": lambda: (cache_kernels.qk_torch(query, *keys), cache_kernels.pv_torch(probs, *values)),
@@ -92,6 +95,7 @@ def main(argv=None) -> int:
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float16", "bfloat16"])
+    parser.add_argument("--positions", type=int, nargs="+", default=[1], help="new tokens per step")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--bandwidth-gib", type=float, default=1.0, help="size of the CPU bandwidth probe")
     args = parser.parse_args(argv)
@@ -114,16 +118,18 @@ def main(argv=None) -> int:
     if ext is None:
         print("the CUDA kernels did not build (see the log above)")
         return 1
-    print(f"one decode step of one attention layer ({HEADS} heads x {HEAD_DIM}), qk + pv, median of "
+    print(f"one step of one attention layer ({HEADS} heads x {HEAD_DIM}), qk + pv, median of "
           f"{args.repeats} (ms); ratio torch/kernels (> 1: kernels faster)")
-    print(f"{'dtype':9} {'batch':>5} {'context':>8} {'kernels':>9} {'torch':>9} {'ratio':>7} {'max rel err':>12}")
+    print(f"{'dtype':9} {'batch':>5} {'positions':>9} {'context':>8} {'kernels':>9} {'torch':>9} {'ratio':>7} "
+          f"{'max rel err':>12}")
     for name in args.dtypes:
         for batch in args.batch:
-            for context in args.contexts:
-                r = compare(ext, DTYPES[name], batch, context, args.repeats)
-                print(f"{name:9} {batch:5d} {context:8d} {r['kernels']:9.3f} {r['torch']:9.3f} "
-                      f"{r['torch'] / r['kernels']:7.2f} {r['error']:12.2e}")
-                torch.cuda.empty_cache()
+            for positions in args.positions:
+                for context in args.contexts:
+                    r = compare(ext, DTYPES[name], batch, context, positions, args.repeats)
+                    print(f"{name:9} {batch:5d} {positions:9d} {context:8d} {r['kernels']:9.3f} {r['torch']:9.3f} "
+                          f"{r['torch'] / r['kernels']:7.2f} {r['error']:12.2e}")
+                    torch.cuda.empty_cache()
     return 0
 
 

@@ -356,6 +356,9 @@ def _global_hooks() -> bool:
     return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
 
 
+CACHE_KERNEL_MAX_POSITIONS = 4  # the longest forward that attends with the int8-cache CUDA kernels
+
+
 def _cpu_ops():
     """qwen.kernels, for the modules whose `_cpu_ops` flag qwen.kernels.linear.use_kernels set (it
     imported it; as remote code nothing sets the flag). A flag, not the module, is stored on them:
@@ -446,8 +449,11 @@ class QWenAttention(nn.Module):
         q, k, v = self._heads(qkv, rotary, ops)
 
         int8 = None  # (extension, keys, values) for the int8-cache CUDA kernels
+        # Only for a few new positions (decode steps): each position re-reads the whole uint8 cache in
+        # the kernels, while dequantize-then-matmul reads it once and multiplies on tensor cores, which
+        # wins for a prompt (`bench/cache_kernels.py --positions` measures where they cross).
         if cache is not None and self.config.use_cache_kernel and q.is_cuda and self.config.use_cache_quantization \
-                and getattr(cache, "int8_raw_views", False):
+                and length <= CACHE_KERNEL_MAX_POSITIONS and getattr(cache, "int8_raw_views", False):
             from .cache_kernels import load as load_cache_kernels
 
             ext = load_cache_kernels(self.config)

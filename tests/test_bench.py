@@ -64,7 +64,7 @@ def test_cache_kernels_bench():
     assert float(plain) == 32 * 2 * 32 * 256 / 1024 and float(int8) == 32 * 2 * 32 * (128 + 4) / 1024
     assert float(ratio) == round((128 + 4) / 256, 3)
     if torch.cuda.is_available():
-        assert re.search(r"(?m)^float16 +1 +1024 +[\d.]+ +[\d.]+ +[\d.]+ ", out), out
+        assert re.search(r"(?m)^float16 +1 +1 +1024 +[\d.]+ +[\d.]+ +[\d.]+ ", out), out
     else:
         assert "no CUDA device" in out
 
