@@ -32,11 +32,13 @@ def test_import_qwen_registers_auto_classes():
 
 
 def test_tools_answer_help():
-    for module in ("qwen.tools.tiny_checkpoint", "qwen.tools.demo", "qwen.tools.export_qwen2", "qwen.tools.upgrade_remote_code"):
-        result = subprocess.run(
-            [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120
-        )
-        assert result.returncode == 0 and "usage:" in result.stdout, result.stderr
+    modules = ("qwen.tools.tiny_checkpoint", "qwen.tools.demo", "qwen.tools.export_qwen2", "qwen.tools.upgrade_remote_code")
+    # All at once: each spends its seconds importing torch and transformers, which the cores share.
+    running = [subprocess.Popen([sys.executable, "-m", module, "--help"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for module in modules]
+    for module, proc in zip(modules, running):
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0 and "usage:" in out, (module, err)
 
 
 def test_demo_runs_a_two_turn_chat(tmp_path):
