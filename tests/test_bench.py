@@ -69,6 +69,22 @@ def test_cache_kernels_bench():
         assert "no CUDA device" in out
 
 
+def test_gpu_check_script(tmp_path):
+    """bench/gpu_check.sh (the GPU session's one command) runs here too: the selected kernel tests,
+    the bench's memory part; a failing test makes its status nonzero."""
+    def gpu_check(out, *pytest_args):
+        return subprocess.run(["bash", str(REPO_ROOT / "bench" / "gpu_check.sh"), str(out), *pytest_args],
+                              capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHON=sys.executable))
+
+    proc = gpu_check(tmp_path / "ok", "-k", "ship_as_remote_code")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "1 passed" in (tmp_path / "ok" / "tests.txt").read_text()
+    assert "int8/16-bit 0.516" in (tmp_path / "ok" / "bench.txt").read_text()
+    assert "torch " in (tmp_path / "ok" / "machine.txt").read_text()
+    proc = gpu_check(tmp_path / "none", "-k", "no_such_test")
+    assert proc.returncode != 0 and "tests: exit 5, bench: exit 0" in proc.stdout
+
+
 LLAMA_PYTHON = os.environ.get("QWEN_LLAMA_PYTHON", "/tmp/llama_venv/bin/python")
 
 
