@@ -1,7 +1,8 @@
 """CUDA kernels for attention over the int8 KV cache (`use_cache_quantization=True, use_cache_kernel=True`).
 
 This file is also written into saved checkpoints as remote code, with the kernel sources
-cache_kernels.cu, cache_kernels.cpp and their shared header cache_kernels.cuh beside it: it imports only torch and the standard library.
+cache_kernels.cu, cache_kernels.cpp and their shared header cache_kernels.cuh beside it: it imports
+only torch and the standard library.
 
     from qwen import cache_kernels
     ext = cache_kernels.load(model.config)     # the built extension, or None (then the torch path runs)

@@ -356,9 +356,6 @@ def _global_hooks() -> bool:
     return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
 
 
-CACHE_KERNEL_MAX_POSITIONS = 4  # the longest forward that attends with the int8-cache CUDA kernels
-
-
 def _cpu_ops():
     """qwen.kernels, for the modules whose `_cpu_ops` flag qwen.kernels.linear.use_kernels set (it
     imported it; as remote code nothing sets the flag). A flag, not the module, is stored on them:
@@ -395,6 +392,9 @@ class QWenMLP(nn.Module):
 
     def forward(self, x):
         return self.c_proj(self.w1(x) * F.silu(self.w2(x)))  # w2 is the gated branch
+
+
+CACHE_KERNEL_MAX_POSITIONS = 4  # the longest forward that attends with the int8-cache CUDA kernels
 
 
 class QWenAttention(nn.Module):

@@ -114,8 +114,8 @@ class SlotKVCache:
                     params[0][slot, :, start : start + length] = scale[row]
                     params[1][slot, :, start : start + length] = zero[row]
             keys, values = (
-                tuple(self._rows(t, end) for t in (stored[layer_idx], *params[layer_idx]))
-                for stored, params in ((self.keys, self.key_params), (self.values, self.value_params))
+                tuple(self._rows(t, end) for t in (stored[layer_idx], *scale_zero[layer_idx]))
+                for stored, scale_zero in ((self.keys, self.key_params), (self.values, self.value_params))
             )
             if cache_kwargs and cache_kwargs.get("int8_raw"):
                 return keys, values
