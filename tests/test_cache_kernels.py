@@ -195,22 +195,35 @@ def test_cuda_kernels_match_the_torch_path(dtype):
                             inputs[4], *inputs[1:4], tokens, rounding)
 
 
+def _our_cuda_kernels_run(work):
+    """(work()'s result, whether our kernels ran on the GPU meanwhile): CUPTI's record of the kernels
+    launched in this process (any thread), not a log line, which the extension writes once per process."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as trace:
+        result = work()
+        torch.cuda.synchronize()
+    return result, any("qwen_cache::" in event.name for event in trace.events())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_on_cuda_the_model_gives_the_same_tokens_with_the_kernels(checkpoint, caplog):
+def test_on_cuda_the_model_gives_the_same_tokens_with_the_kernels(checkpoint):
+    """generate(): the prompt goes through the torch path (more than CACHE_KERNEL_MAX_POSITIONS new
+    tokens), each decode step through the kernels."""
     ids = torch.tensor([qwen.QWenTokenizer.from_pretrained(checkpoint).encode("int8 cache on a GPU")]).cuda()
     outputs = {}
     for kernel in (False, True):
         model = qwen.QWenLMHeadModel.from_pretrained(checkpoint, use_cache_quantization=True,
                                                      use_cache_kernel=kernel).cuda().eval()
-        with caplog.at_level(logging.INFO, logger="qwen.cache_kernels"):
-            outputs[kernel] = model.generate(ids, do_sample=False, max_new_tokens=24, eos_token_id=None,
-                                             top_p=None, top_k=None, repetition_penalty=None)
-    assert "CUDA kernels" in caplog.text
+        outputs[kernel], ran = _our_cuda_kernels_run(lambda: model.generate(  # noqa: B023 (called at once)
+            ids, do_sample=False, max_new_tokens=24, eos_token_id=None, top_p=None, top_k=None,
+            repetition_penalty=None))
+        assert ran == kernel
     assert torch.equal(outputs[True], outputs[False])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_on_cuda_the_engine_gives_the_same_tokens_with_the_kernels(checkpoint, caplog):
+def test_on_cuda_the_engine_gives_the_same_tokens_with_the_kernels(checkpoint):
     """The serving engine's int8 cache feeds the kernels too (rows of different lengths in one batch)."""
     from qwen.serving import Engine, SamplingParams
 
@@ -223,12 +236,14 @@ def test_on_cuda_the_engine_gives_the_same_tokens_with_the_kernels(checkpoint, c
                                                      use_cache_kernel=kernel).cuda().eval()
         engine = Engine(model, tokenizer, max_running=2)
         try:
-            with caplog.at_level(logging.INFO, logger="qwen.cache_kernels"):
-                streams = [engine.submit(ids, params) for ids in prompts]
-                tokens[kernel] = [stream.result().token_ids for stream in streams]
+            def both():
+                streams = [engine.submit(ids, params) for ids in prompts]  # noqa: B023 (called at once)
+                return [stream.result().token_ids for stream in streams]
+
+            tokens[kernel], ran = _our_cuda_kernels_run(both)
         finally:
             engine.shutdown()
-    assert "CUDA kernels" in caplog.text
+        assert ran == kernel
     assert tokens[True] == tokens[False] and all(len(t) == 16 for t in tokens[True])
 
 
