@@ -26,28 +26,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import print_machine  # noqa: E402
+from memory import kv_bytes_per_token  # noqa: E402
 
 from qwen import QWenConfig, cache_kernels  # noqa: E402
 from qwen.modeling_qwen import quantize_kv  # noqa: E402
-from qwen.serving.kv import SlotKVCache  # noqa: E402
 
 HEADS, HEAD_DIM, LAYERS = 32, 128, 32  # Qwen-7B
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def bytes_per_token(dtype: torch.dtype, device: str) -> dict:
-    """Bytes one token of context takes in the engine's cache for the 7B shape: 16-bit and int8."""
-    config = QWenConfig(hidden_size=HEADS * HEAD_DIM, num_attention_heads=HEADS, num_hidden_layers=LAYERS,
-                        kv_channels=HEAD_DIM)
-    result = {}
-    for name, int8 in (("16-bit", False), ("int8", True)):
-        config.use_cache_quantization = int8
-        before = torch.cuda.memory_allocated() if device == "cuda" else 0
-        cache = SlotKVCache(config, 1, 256, dtype, device)
-        held = torch.cuda.memory_allocated() - before if device == "cuda" else cache.bytes()
-        result[name] = held / 256
-        del cache
-    return result
 
 
 def cache_view(batch: int, context: int, dtype: torch.dtype, spare: int = 256):
@@ -105,11 +90,13 @@ def main(argv=None) -> int:
     if cuda:
         print(f"gpu: {torch.cuda.get_device_name()} | torch {torch.__version__} | CUDA {torch.version.cuda}")
 
+    config = QWenConfig(hidden_size=HEADS * HEAD_DIM, num_attention_heads=HEADS, num_hidden_layers=LAYERS,
+                        kv_channels=HEAD_DIM)
     for name in args.dtypes:
-        kv = bytes_per_token(DTYPES[name], device)
+        kv = kv_bytes_per_token(config, DTYPES[name], device)
         print(f"KV cache per token of context, 7B shape, {name} model, on {device}: 16-bit "
-              f"{kv['16-bit'] / 1024:.1f} KiB, int8 {kv['int8'] / 1024:.1f} KiB "
-              f"(int8/16-bit {kv['int8'] / kv['16-bit']:.3f})")
+              f"{kv['plain'] / 1024:.1f} KiB, int8 {kv['int8'] / 1024:.1f} KiB "
+              f"(int8/16-bit {kv['int8'] / kv['plain']:.3f})")
 
     if not cuda:
         print("no CUDA device: the kernel timings need one (the torch path is what runs here)")

@@ -46,12 +46,12 @@ def measure_load(directory: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def kv_bytes_per_token(config, dtype: torch.dtype) -> dict:
+def kv_bytes_per_token(config, dtype: torch.dtype, device="cpu") -> dict:
     """Bytes one token of context takes in the engine's cache, plain and int8 (from real buffers)."""
     result = {}
     for name, int8 in (("plain", False), ("int8", True)):
         config.use_cache_quantization = int8
-        cache = SlotKVCache(config, 1, 256, dtype, "cpu")
+        cache = SlotKVCache(config, 1, 256, dtype, device)
         result[name] = cache.bytes() / 256
     config.use_cache_quantization = False
     return result

@@ -20,7 +20,8 @@
 cudaError_t qwen_cache_qk(int dtype, const void* query, const qwen_cache::Cache& keys, void* scores, int rows,
                           int positions, int tokens, int head_dim, cudaStream_t stream);
 cudaError_t qwen_cache_pv(int dtype, const void* probs, const qwen_cache::Cache& values, void* out, float* partial,
-                          int rows, int positions, int tokens, int head_dim, cudaStream_t stream);
+                          const qwen_cache::PvPlan& plan, int rows, int positions, int tokens, int head_dim,
+                          cudaStream_t stream);
 
 namespace {
 
@@ -107,7 +108,7 @@ at::Tensor pv(const at::Tensor& probs, const at::Tensor& value_q, const at::Tens
   at::Tensor partial;
   if (plan.splits > 1) partial = at::empty({rows * positions * plan.splits * head_dim}, p.options().dtype(at::kFloat));
   ok(qwen_cache_pv(dtype_code(p), p.data_ptr(), values, out.data_ptr(),
-                   plan.splits > 1 ? partial.data_ptr<float>() : nullptr, rows, static_cast<int>(positions),
+                   plan.splits > 1 ? partial.data_ptr<float>() : nullptr, plan, rows, static_cast<int>(positions),
                    static_cast<int>(tokens), static_cast<int>(head_dim), reinterpret_cast<cudaStream_t>(stream)),
      "pv");
   return out;

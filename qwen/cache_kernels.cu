@@ -40,9 +40,8 @@ cudaError_t launch_qk(const void* query, const Cache& keys, void* scores, int ro
 }
 
 template <typename T>
-cudaError_t launch_pv(const void* probs, const Cache& values, void* out, float* partial, int rows, int positions,
-                      int tokens, int head_dim, cudaStream_t stream) {
-  const PvPlan plan = plan_pv(rows, positions, tokens, head_dim);
+cudaError_t launch_pv(const void* probs, const Cache& values, void* out, float* partial, const PvPlan& plan,
+                      int rows, int positions, int tokens, int head_dim, cudaStream_t stream) {
   const PvArgs<T> args{static_cast<const T*>(probs), values, static_cast<T*>(out), partial, positions,
                        tokens, head_dim, plan};
   pv_partial_kernel<T><<<dim3(plan.splits, positions, rows), plan.threads, 0, stream>>>(args);
@@ -67,15 +66,17 @@ cudaError_t qwen_cache_qk(int dtype, const void* query, const qwen_cache::Cache&
   }
 }
 
-// `partial`: float32 scratch of rows * positions * plan_pv(...).splits * head_dim values when that
-// plan has more than one split (else unused).
+// `plan`: plan_pv(rows, positions, tokens, head_dim); `partial`: float32 scratch of rows * positions *
+// plan.splits * head_dim values when plan.splits > 1 (else unused).
 cudaError_t qwen_cache_pv(int dtype, const void* probs, const qwen_cache::Cache& values, void* out, float* partial,
-                          int rows, int positions, int tokens, int head_dim, cudaStream_t stream) {
+                          const qwen_cache::PvPlan& plan, int rows, int positions, int tokens, int head_dim,
+                          cudaStream_t stream) {
   using namespace qwen_cache;
   switch (dtype) {
-    case 0: return launch_pv<float>(probs, values, out, partial, rows, positions, tokens, head_dim, stream);
-    case 1: return launch_pv<__half>(probs, values, out, partial, rows, positions, tokens, head_dim, stream);
-    case 2: return launch_pv<__nv_bfloat16>(probs, values, out, partial, rows, positions, tokens, head_dim, stream);
+    case 0: return launch_pv<float>(probs, values, out, partial, plan, rows, positions, tokens, head_dim, stream);
+    case 1: return launch_pv<__half>(probs, values, out, partial, plan, rows, positions, tokens, head_dim, stream);
+    case 2:
+      return launch_pv<__nv_bfloat16>(probs, values, out, partial, plan, rows, positions, tokens, head_dim, stream);
     default: return cudaErrorInvalidValue;
   }
 }
